@@ -1,0 +1,77 @@
+"""The paper's ~100M MxDNA: d=512, 16 heads, FFN 2048, 4 nucleotide + 16 token layers.
+
+`get_config()` returns a locked ConfigDict: `--config.train.stesp=5` fails instead of being
+ignored. The `model` section has exactly the fields of `ModelConfig` (built from the dataclass,
+so the two cannot drift).
+
+Optimisation numbers below are a conventional BERT-base-like recipe, not yet checked against
+the MxDNA paper's appendix.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from mxdna_jax.config import ModelConfig
+
+
+def model_section(**overrides) -> ml_collections.ConfigDict:
+    m = ModelConfig(**overrides)
+    d = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+    d["expert_kernel_sizes"] = tuple(d["expert_kernel_sizes"])
+    return ml_collections.ConfigDict(d)
+
+
+def build(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The unlocked base config around a `model` section (tiny.py edits it before locking)."""
+    c = ml_collections.ConfigDict()
+    c.model = model
+
+    c.data = ml_collections.ConfigDict(dict(
+        fasta="",                     # '' = the embedded default corpus
+        window=510,                   # nucleotides per example; +[CLS]/[SEP] = 512 positions
+        batch_size=256,               # global, across all processes
+        num_workers=8,
+        reverse_complement_prob=0.5,
+        max_n_fraction=0.1,           # windows with more N than this are skipped
+        mask_prob=0.15,
+        val_fraction=0.01,
+        seed=0,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100_000,
+        lr=1e-4,
+        warmup_steps=5_000,
+        min_lr_ratio=0.1,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-8,
+        grad_clip=1.0,
+        grad_accum_steps=1,           # micro-batches per optimizer step (batch_size % this == 0)
+        compute_dtype="float32",      # 'float32' | 'bfloat16'; master params stay float32
+        seed=0,
+        log_every=50,
+        eval_every=2_000,
+        eval_batches=20,
+        aux_loss_coef=0.01,
+        capacity_growth=1.5,          # compact-mode token capacity multiplier after an overflow
+    ))
+
+    # Not `async`: a Python keyword cannot be parsed by config_flags (--config.checkpoint.async=...).
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=2_000,
+        keep=3,
+        async_save=True,
+        checksums=True,               # per-file sha256 manifest, verified on restore
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = all remaining devices
+    return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = build(model_section())
+    c.lock()
+    return c

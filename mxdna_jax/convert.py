@@ -1,0 +1,230 @@
+"""Official MxDNA weights (PyTorch state-dict names and layouts) <-> our NNX params.
+
+    python -m mxdna_jax.convert check FIXTURE.npz [--head all]     # parity report, exit 1 over tolerance
+    python -m mxdna_jax.convert import ckpt/model.safetensors OUT  # official weights -> Orbax params
+    python -m mxdna_jax.convert export OUT_DIR model.safetensors    # our checkpoint -> official names
+
+No torch is needed: weights come from .safetensors or .npz (a `param/` prefix is accepted, as in
+the reference fixtures). Every official tensor name is mapped by one rule table; unmapped or
+missing names and shape mismatches raise with the offending names.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flax import nnx
+
+from mxdna_jax.config import ModelConfig
+
+Rule = tuple[str, tuple, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+_T = (lambda w: w.T, lambda w: w.T)
+_ID = (lambda w: w, lambda w: w)
+
+
+def _ln(official: str, ours: tuple) -> list[Rule]:
+    return [(f"{official}.weight", ours + ("scale",), *_ID), (f"{official}.bias", ours + ("bias",), *_ID)]
+
+
+def _encoder_layer(official: str, ours: tuple) -> list[Rule]:
+    rules = _ln(f"{official}.input_layernorm.norm", ours + ("input_norm",))
+    rules += _ln(f"{official}.post_attention_layernorm.norm", ours + ("post_attn_norm",))
+    attn = "cross_attn" if official == "decoder" else "self_attn"
+    ours_attn = "cross_attn" if official == "decoder" else "attn"
+    for p in "qkvo":
+        rules.append((f"{official}.{attn}.projection_{p}.weight", ours + (ours_attn, p, "kernel"), *_T))
+    for w in ("w1", "w2", "w3"):
+        rules.append((f"{official}.ffn.ffn.{w}.weight", ours + ("ffn", w, "kernel"), *_T))
+    return rules
+
+
+def _expert_rules(cfg: ModelConfig) -> list[Rule]:
+    d = cfg.hidden_size
+    base, ours = "model.conversion_layer.conv_moe.experts", ("model", "tokenization")
+    rules: list[Rule] = []
+    for e, (k, g) in enumerate(zip(cfg.expert_kernel_sizes, cfg.expert_groups())):
+        c = d // g
+        rules.append((f"{base}.{e}.pointwise_conv_pre.weight", ours + ("expert_pre", e), *_T))
+        rules.append((f"{base}.{e}.pointwise_conv_post.weight", ours + ("expert_post", e), *_T))
+        rules.append((f"{base}.{e}.norm.norm.weight", ours + ("expert_norm_scale", e), *_ID))
+        rules.append((f"{base}.{e}.norm.norm.bias", ours + ("expert_norm_bias", e), *_ID))
+        # official grouped Conv1d (out, in/g, k) -> ours (tap, group, in, out)
+        rules.append((
+            f"{base}.{e}.depthwise_conv.weight", ours + ("expert_conv", e),
+            lambda w, g=g, c=c, k=k: w.reshape(g, c, c, k).transpose(3, 0, 2, 1),
+            lambda w, d=d, c=c, k=k: w.transpose(1, 3, 2, 0).reshape(d, c, k),
+        ))
+    return rules
+
+
+def backbone_rules(cfg: ModelConfig, prefix: tuple = ("model",)) -> list[Rule]:
+    rules: list[Rule] = [("model.embed_tokens.weight", prefix + ("embed",), *_ID)]
+    for i in range(cfg.num_nucleotide_layers):
+        rules += _encoder_layer(f"model.nucleotide_layers.{i}", prefix + ("nucleotide_layers", i))
+    for i in range(cfg.num_token_layers):
+        rules += _encoder_layer(f"model.motif_layers.{i}", prefix + ("token_layers", i))
+    tok, conv = prefix + ("tokenization",), "model.conversion_layer"
+    rules += _ln(f"{conv}.input_layernorm.norm", tok + ("input_norm",))
+    rules.append((f"{conv}.gate.weight", tok + ("gate",), *_T))
+    rules.append((f"{conv}.motif_masked_token_embedding", tok + ("masked_token_embedding",), *_ID))
+    rules += _expert_rules(cfg)
+    dc = f"{conv}.deform_conv"
+    rules += _ln(f"{dc}.input_layernorm.norm", tok + ("deform", "norm"))
+    tap_major = (lambda w: w.transpose(2, 1, 0), lambda w: w.transpose(2, 1, 0))  # (out,in,tap) <-> (tap,in,out)
+    rules.append((f"{dc}.offset_conv.weight", tok + ("deform", "offset_kernel"), *tap_major))
+    rules.append((f"{dc}.offset_conv.bias", tok + ("deform", "offset_bias"), *_ID))
+    rules.append((f"{dc}.modulator_conv.weight", tok + ("deform", "modulator_kernel"), *tap_major))
+    rules.append((f"{dc}.modulator_conv.bias", tok + ("deform", "modulator_bias"), *_ID))
+    rules.append((f"{dc}.regular_conv.weight", tok + ("deform", "kernel"),
+                  lambda w: w[..., 0].transpose(2, 1, 0), lambda w: w.transpose(2, 1, 0)[..., None]))
+    rules += _ln("model.norm.norm", prefix + ("final_norm",))
+    return rules
+
+
+def mlm_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = backbone_rules(cfg)
+    rules += _encoder_layer("decoder", ("decoder",))
+    rules += _ln("norm.norm", ("norm",))
+    rules += [
+        ("lm_head.dense.weight", ("lm_head", "dense", "kernel"), *_T),
+        ("lm_head.dense.bias", ("lm_head", "dense", "bias"), *_ID),
+        ("lm_head.layer_norm.weight", ("lm_head", "norm", "scale"), *_ID),
+        ("lm_head.layer_norm.bias", ("lm_head", "norm", "bias"), *_ID),
+        ("lm_head.decoder.weight", ("lm_head", "decoder", "kernel"), *_T),
+        ("lm_head.bias", ("lm_head", "bias"), *_ID),
+    ]
+    return rules
+
+
+def cls_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = backbone_rules(cfg)
+    rules += _ln("norm.norm", ("cls_norm",))
+    rules += [
+        ("task_head.dense.weight", ("dense", "kernel"), *_T), ("task_head.dense.bias", ("dense", "bias"), *_ID),
+        ("task_head.out_proj.weight", ("out_proj", "kernel"), *_T),
+        ("task_head.out_proj.bias", ("out_proj", "bias"), *_ID),
+    ]
+    return rules
+
+
+def rules_for(model) -> list[Rule]:
+    from mxdna_jax import model as m
+
+    if isinstance(model, m.MxDNAForMaskedLM):
+        return mlm_rules(model.cfg)
+    if isinstance(model, m.MxDNAForSequenceClassification):
+        return cls_rules(model.cfg)
+    if isinstance(model, m.MxDNAForTokenExtraction):
+        return backbone_rules(model.cfg)
+    raise TypeError(f"no conversion rules for {type(model).__name__}")
+
+
+def load_official_state_dict(path: str | pathlib.Path, prefix: str = "") -> dict[str, np.ndarray]:
+    """Read official-named tensors from .safetensors or .npz (optionally under `prefix`, e.g. 'param/')."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        sd = load_file(str(path))
+    elif path.suffix == ".npz":
+        with np.load(path) as z:
+            sd = {k: z[k] for k in z.files}
+    else:
+        raise ValueError(f"{path}: expected a .safetensors or .npz file")
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def load_into(model, state_dict: Mapping[str, np.ndarray], *, strict: bool = True, rules=None) -> None:
+    """Copy official tensors into an NNX model in place (dtype follows the model's params).
+
+    strict: every tensor of `state_dict` must have a place in the model.
+    """
+    rules = rules_for(model) if rules is None else rules
+    params = nnx.state(model, nnx.Param)
+    flat = dict(params.flat_state())
+    missing = [name for name, *_ in rules if name not in state_dict]
+    if missing:
+        raise KeyError(f"{len(missing)} official tensors missing, e.g. {missing[:5]}")
+    if strict:
+        known = {name for name, *_ in rules}
+        extra = sorted(k for k in state_dict if k not in known)
+        if extra:
+            raise KeyError(f"{len(extra)} official tensors have no place in {type(model).__name__}: {extra[:5]}")
+    grouped: dict[tuple, dict[int, np.ndarray]] = {}
+    for name, path, to_ours, _ in rules:
+        value = to_ours(np.asarray(state_dict[name], dtype=np.float32))
+        if isinstance(path[-1], int) and path[:-1] in flat:  # one slice of a stacked-experts param
+            grouped.setdefault(path[:-1], {})[path[-1]] = value
+            continue
+        _assign(flat, path, value, name)
+    for path, slices in grouped.items():
+        _assign(flat, path, np.stack([slices[i] for i in range(len(slices))]), "experts " + "/".join(map(str, path)))
+    nnx.update(model, params)
+
+
+def _assign(flat, path, value, name):
+    if path not in flat:
+        raise KeyError(f"{name}: no parameter at {'/'.join(map(str, path))}")
+    var = flat[path]
+    if tuple(var.shape) != tuple(value.shape):
+        raise ValueError(f"{name}: shape {value.shape} does not fit {'/'.join(map(str, path))} {var.shape}")
+    var[...] = value.astype(var.dtype)
+
+
+def export_state_dict(model) -> dict[str, np.ndarray]:
+    """Our params -> official names and layouts (float32 numpy)."""
+    flat = dict(nnx.state(model, nnx.Param).flat_state())
+    out = {}
+    for name, path, _, to_official in rules_for(model):
+        if path in flat:
+            v = np.asarray(flat[path][...], dtype=np.float32)
+        else:
+            v = np.asarray(flat[path[:-1]][...], dtype=np.float32)[path[-1]]
+        out[name] = np.ascontiguousarray(to_official(v))
+    return out
+
+
+def from_official(path, config: Mapping | str | pathlib.Path | None = None, *, head: str = "mlm",
+                  prefix: str = "", **overrides):
+    """One call from the released checkpoint to a ready model.
+
+    `config` is the official config.json (a path or dict); by default `config.json` next to the
+    weights. The returned model uses parity semantics (mode='original', batch_independent=False)
+    unless overridden, e.g. `from_official('ckpt/model.safetensors', mode='compact')`.
+    """
+    from mxdna_jax import model as m
+
+    path = pathlib.Path(path)
+    if config is None:
+        config = path.with_name("config.json")
+    if not isinstance(config, Mapping):
+        config = json.loads(pathlib.Path(config).read_text())
+    cfg = ModelConfig.from_official(config, **overrides)
+    cls = {"mlm": m.MxDNAForMaskedLM, "cls": m.MxDNAForSequenceClassification,
+           "tokens": m.MxDNAForTokenExtraction}[head]
+    model = cls(cfg, rngs=nnx.Rngs(0))
+    sd = load_official_state_dict(path, prefix)
+    if head == "cls" and "task_head.dense.weight" not in sd:
+        # a pretraining (MLM) checkpoint: take the backbone, keep the fresh classifier head
+        load_into(model, sd, strict=False, rules=backbone_rules(cfg))
+    else:
+        load_into(model, sd, strict=head == "mlm")
+    return model
+
+
+def main(argv=None):
+    from mxdna_jax import parity
+
+    return parity.cli(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Data layer: FASTA genomes as cached id arrays, masked-LM corruption, Grain pipelines."""
+
+from mxdna_jax.data.fasta import Genome, default_cache_dir, load_fasta_ids, open_genome, parse_fasta, unigram_entropy
+from mxdna_jax.data.masking import IGNORE_INDEX, mask_tokens
+from mxdna_jax.data.pipeline import (
+    PretrainData,
+    PretrainDataConfig,
+    WindowSampler,
+    default_corpus_path,
+    default_corpus_paths,
+    element_rng,
+    fasta_eval_batches,
+    process_element_indices,
+    split_segments,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Genome",
+    "PretrainData",
+    "PretrainDataConfig",
+    "WindowSampler",
+    "default_cache_dir",
+    "default_corpus_path",
+    "default_corpus_paths",
+    "element_rng",
+    "fasta_eval_batches",
+    "load_fasta_ids",
+    "mask_tokens",
+    "open_genome",
+    "parse_fasta",
+    "process_element_indices",
+    "split_segments",
+    "unigram_entropy",
+]

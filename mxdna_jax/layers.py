@@ -1,0 +1,121 @@
+"""NNX building blocks: Dense, LayerNorm, attention, SwiGLU, encoder and cross-attention layers.
+
+Params carry `logical_axes` metadata (plain names); `mxdna_jax.sharding` maps them to mesh axes,
+so a model can be built with or without a mesh. Compute runs in `dtype` (fp32 or bf16) with fp32
+accumulation; LayerNorm and softmax statistics are always fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mxdna_jax.ops.attention import masked_attention
+from mxdna_jax.ops.experts import layer_norm
+from mxdna_jax.ops.rope import apply_rope
+
+trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def param(rngs, init, shape, axes, dtype):
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Dense(nnx.Module):
+    def __init__(self, d_in, d_out, axes, *, rngs, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 init=trunc_normal):
+        self.kernel = param(rngs, init, (d_in, d_out), axes, param_dtype)
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, d, eps, *, param_dtype=jnp.float32, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((d,), param_dtype), logical_axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Bias-free multi-head attention with half-split RoPE at given positions."""
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        d = cfg.hidden_size
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q = Dense(d, d, ("embed", "qkv"), **kw)
+        self.k = Dense(d, d, ("embed", "qkv"), **kw)
+        self.v = Dense(d, d, ("embed", "qkv"), **kw)
+        self.o = Dense(d, d, ("qkv", "embed"), **kw)
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+
+    def __call__(self, xq_BTD, xkv_BSD, rope_q, rope_k, key_mask_BS):
+        B, T, _ = xq_BTD.shape
+        S = xkv_BSD.shape[1]
+        q = apply_rope(self.q(xq_BTD).reshape(B, T, self.num_heads, self.head_dim), *rope_q)
+        k = apply_rope(self.k(xkv_BSD).reshape(B, S, self.num_heads, self.head_dim), *rope_k)
+        v = self.v(xkv_BSD).reshape(B, S, self.num_heads, self.head_dim)
+        o = masked_attention(q, k, v, key_mask_BS)
+        return self.o(o.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    """w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.w1 = Dense(d, f, ("embed", "mlp"), **kw)
+        self.w3 = Dense(d, f, ("embed", "mlp"), **kw)
+        self.w2 = Dense(f, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class EncoderLayer(nnx.Module):
+    """Pre-norm layer over a row set S: rows outside S pass through unchanged."""
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype, dtype=dtype)
+        self.attn = Attention(cfg, **kw)
+        self.post_attn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype, dtype=dtype)
+        self.ffn = SwiGLU(cfg, **kw)
+
+    def __call__(self, h_BTD, rope, mask_BT):
+        keep = mask_BT[..., None].astype(h_BTD.dtype)
+        x = self.input_norm(h_BTD)
+        h_BTD = h_BTD + keep * self.attn(x, x, rope, rope, mask_BT)
+        return h_BTD + keep * self.ffn(self.post_attn_norm(h_BTD))
+
+
+class CrossDecoderLayer(nnx.Module):
+    """MLM decoder: nucleotide queries attend to token states (one LN for both sides).
+
+    As in the official model every query row, padding included, gets the attention output
+    (its query mask is dropped, quirk Q1); the FFN is masked by the nucleotide attention mask.
+    """
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype, dtype=dtype)
+        self.cross_attn = Attention(cfg, **kw)
+        self.post_attn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype, dtype=dtype)
+        self.ffn = SwiGLU(cfg, **kw)
+
+    def __call__(self, q_BLD, rope_q, kv_BTD, rope_k, key_mask_BT, query_mask_BL):
+        h = q_BLD + self.cross_attn(self.input_norm(q_BLD), self.input_norm(kv_BTD), rope_q, rope_k, key_mask_BT)
+        keep = query_mask_BL[..., None].astype(h.dtype)
+        return h + keep * self.ffn(self.post_attn_norm(h))

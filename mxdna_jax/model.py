@@ -1,0 +1,228 @@
+"""MxDNA backbone and heads (masked LM, [CLS] classifier, token extraction).
+
+Shape letters (defined once here and in mxdna_jax/ops/__init__.py):
+  B batch, L nucleotide length incl. [CLS]/[SEP] and padding, T token rows (L in 'original'
+  mode, the static capacity in 'compact' mode), D hidden, E experts, V vocabulary, C labels.
+
+nucleotides -> embed -> nucleotide layers -> learnt tokenization -> token layers -> final LN.
+RoPE positions are nucleotide row indices everywhere, also for tokens (their unit centres).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mxdna_jax import vocab
+from mxdna_jax.config import ModelConfig
+from mxdna_jax.layers import CrossDecoderLayer, Dense, EncoderLayer, LayerNorm, param, trunc_normal
+from mxdna_jax.ops.rope import rope_tables
+from mxdna_jax.tokenization import LearntTokenization, gather_rows
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class BackboneOutput(NamedTuple):
+    nucleotide_hidden: jax.Array  # (B, L, D) output of the last nucleotide layer (MLM queries)
+    token_hidden: jax.Array  # (B, T, D) final-normed token states
+    token_positions: jax.Array  # (B, T) nucleotide index of each token row
+    token_mask: jax.Array  # (B, T) 1 at valid token rows ([CLS], centres, [SEP])
+    router_logits: jax.Array  # (B, L, E)
+    center: jax.Array  # (B, L)
+    all: jax.Array  # (B, L)
+    aux_loss: jax.Array  # ()
+    overflow: jax.Array  # () bool: compact capacity exceeded; outputs are then invalid
+    intermediates: dict[str, Any]
+
+
+def make_jitter(key, shape, eps):
+    """Multiplicative router jitter U(1 - eps, 1 + eps), as the official training mode draws it."""
+    return jax.random.uniform(key, shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+
+
+def derive_special_mask(input_ids):
+    return jnp.isin(input_ids, jnp.asarray(vocab.SPECIAL_IDS)).astype(jnp.int32)
+
+
+class MxDNAModel(nnx.Module):
+    """The backbone. `capacity`/`mode` decide the token-layer layout (see ModelConfig.mode)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
+        self.embed = param(rngs, trunc_normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+        self.nucleotide_layers = nnx.List([EncoderLayer(cfg, **kw) for _ in range(cfg.num_nucleotide_layers)])
+        self.tokenization = LearntTokenization(cfg, **kw)
+        self.token_layers = nnx.List([EncoderLayer(cfg, **kw) for _ in range(cfg.num_token_layers)])
+        self.final_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=pdt, dtype=dtype)
+        self.dtype = dtype
+
+    def resolve_capacity(self, L: int, token_capacity: int | None) -> int | None:
+        if self.cfg.mode == "original":
+            return None
+        return token_capacity if token_capacity is not None else self.cfg.token_capacity(L)
+
+    def __call__(self, input_ids, attention_mask, special_tokens_mask=None, *, jitter_key=None, jitter=None,
+                 token_capacity: int | None = None, capture: bool = False, dense_experts: bool = False,
+                 expert_tile: int = 128) -> BackboneOutput:
+        cfg = self.cfg
+        B, L = input_ids.shape
+        if L > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+        am = attention_mask.astype(jnp.int32)
+        sm = derive_special_mask(input_ids) if special_tokens_mask is None else special_tokens_mask.astype(jnp.int32)
+        inter: dict[str, Any] = {}
+        sow = inter.__setitem__ if capture else None
+        if jitter is None and jitter_key is not None and cfg.router_jitter_noise > 0:
+            jitter = make_jitter(jitter_key, (B, L, cfg.hidden_size), cfg.router_jitter_noise)
+
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        if capture:
+            inter["embeddings"] = h
+        pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        rope_L = rope_tables(pos_BL, cfg.head_dim, cfg.rope_theta)
+        nuc_outs = []
+        for layer in self.nucleotide_layers:
+            h = _maybe_remat(layer, cfg.remat)(h, rope_L, am)
+            nuc_outs.append(h)
+        if capture:
+            inter["nucleotide_layer_outputs"] = jnp.stack(nuc_outs)
+
+        capacity = self.resolve_capacity(L, token_capacity)
+        tok = self.tokenization(h, am, sm, jitter_BLD=jitter, capacity=capacity, dense_experts=dense_experts,
+                                expert_tile=expert_tile, sow=sow)
+        if capture:
+            inter["router_logits"] = tok.router_logits
+            inter["nms_center"], inter["nms_all"] = tok.center, tok.all
+            inter["conversion_output"] = tok.hidden
+        t = tok.hidden
+        rope_T = rope_tables(tok.positions, cfg.head_dim, cfg.rope_theta)
+        tok_outs = []
+        for layer in self.token_layers:
+            t = _maybe_remat(layer, cfg.remat)(t, rope_T, tok.mask)
+            tok_outs.append(t)
+        if capture and tok_outs:
+            inter["token_layer_outputs"] = jnp.stack(tok_outs)
+        final = self.final_norm(t)
+        if capacity is None:
+            # original layout: keep the full-length states and also expose the token view
+            if capture:
+                inter["final_hidden"] = final
+            positions, mask = tok.positions, tok.mask
+        else:
+            positions, mask = tok.positions, tok.mask
+        return BackboneOutput(h, final, positions, mask, tok.router_logits, tok.center, tok.all, tok.aux_loss,
+                              tok.overflow, inter)
+
+
+def _maybe_remat(layer, remat: bool):
+    return nnx.remat(layer) if remat else layer
+
+
+class LMHead(nnx.Module):
+    """ESM-style head: dense -> erf-GELU -> LN -> decoder (untied) + bias."""
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        d = cfg.hidden_size
+        self.dense = Dense(d, d, ("embed", "qkv"), rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype)
+        self.norm = LayerNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype, dtype=dtype)
+        self.decoder = Dense(d, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), param_dtype), logical_axes=("vocab",))
+
+    def __call__(self, x):
+        h = self.norm(jax.nn.gelu(self.dense(x), approximate=False))
+        return self.decoder(h).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
+class MLMOutput(NamedTuple):
+    logits: jax.Array  # (B, L, V) fp32, every row (padding rows too, quirk Q1)
+    aux_loss: jax.Array
+    overflow: jax.Array
+    backbone: BackboneOutput
+
+
+class MxDNAForMaskedLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        self.cfg = cfg
+        self.model = MxDNAModel(cfg, rngs=rngs)
+        self.decoder = CrossDecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=pdt)
+        self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=pdt, dtype=dtype)
+        self.lm_head = LMHead(cfg, rngs=rngs, dtype=dtype, param_dtype=pdt)
+
+    def __call__(self, input_ids, attention_mask, special_tokens_mask=None, **kw) -> MLMOutput:
+        out = self.model(input_ids, attention_mask, special_tokens_mask, **kw)
+        cfg = self.cfg
+        B, L = input_ids.shape
+        pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        rope_q = rope_tables(pos_BL, cfg.head_dim, cfg.rope_theta)
+        rope_k = rope_tables(out.token_positions, cfg.head_dim, cfg.rope_theta)
+        h = self.decoder(out.nucleotide_hidden, rope_q, out.token_hidden, rope_k, out.token_mask,
+                         attention_mask.astype(jnp.int32))
+        hn = self.norm(h)
+        if kw.get("capture"):
+            out.intermediates["decoder_output"] = h
+            out.intermediates["decoder_norm_output"] = hn
+        return MLMOutput(self.lm_head(hn), out.aux_loss, out.overflow, out)
+
+
+class MxDNAForSequenceClassification(nnx.Module):
+    """[CLS] classifier (the official '...ND' head): LN -> dense -> tanh -> out_proj."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, num_labels: int | None = None):
+        dtype, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        C = num_labels or cfg.num_labels
+        self.cfg = cfg
+        self.model = MxDNAModel(cfg, rngs=rngs)
+        self.cls_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=pdt, dtype=dtype)
+        self.dense = Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "qkv"), rngs=rngs, use_bias=True,
+                           dtype=dtype, param_dtype=pdt)
+        self.out_proj = Dense(cfg.hidden_size, C, ("embed", None), rngs=rngs, use_bias=True, dtype=dtype,
+                              param_dtype=pdt)
+
+    def __call__(self, input_ids, attention_mask, special_tokens_mask=None, **kw):
+        out = self.model(input_ids, attention_mask, special_tokens_mask, **kw)
+        cls = self.cls_norm(out.token_hidden[:, 0])  # [CLS] is row 0 in both layouts
+        if kw.get("capture"):
+            out.intermediates["cls_head_input"] = cls
+        return self.out_proj(jnp.tanh(self.dense(cls))).astype(jnp.float32), out
+
+
+class TokenExtractionOutput(NamedTuple):
+    tokens: jax.Array  # (B, T, D) final states of the unit tokens (no [CLS]/[SEP])
+    positions: jax.Array  # (B, T) nucleotide index of each token's unit centre
+    mask: jax.Array  # (B, T) 1 at valid unit tokens
+    backbone: BackboneOutput
+
+
+class MxDNAForTokenExtraction(nnx.Module):
+    """The learnt tokens: final states at unit centres, in (b, position) order.
+
+    Static-shaped (B, T, D) with a mask; `flatten_tokens` gives the official flat (N_tok, D).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = MxDNAModel(cfg, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask, special_tokens_mask=None, **kw) -> TokenExtractionOutput:
+        out = self.model(input_ids, attention_mask, special_tokens_mask, **kw)
+        sm = derive_special_mask(input_ids) if special_tokens_mask is None else special_tokens_mask
+        is_special_T = gather_rows(sm.astype(jnp.int32), out.token_positions)
+        mask = out.token_mask * (1 - is_special_T)
+        return TokenExtractionOutput(out.token_hidden, out.token_positions, mask, out)
+
+
+def flatten_tokens(tokens_BTD, mask_BT, positions_BT=None):
+    """Host-side: the (N_tok, D) rows with mask 1, row-major, plus their (batch, position)."""
+    import numpy as np
+
+    mask = np.asarray(mask_BT).astype(bool)
+    b, t = np.nonzero(mask)
+    rows = np.asarray(tokens_BTD)[b, t]
+    pos = np.asarray(positions_BT)[b, t] if positions_BT is not None else t
+    return rows, b.astype(np.int32), pos.astype(np.int32)

@@ -1,0 +1,187 @@
+"""Parity of our model against a fixture in the shared/reference format (official PyTorch outputs).
+
+`compare_fixture(path)` runs every head on the fixture's inputs and weights and returns, per
+stored key, the max abs error and its tolerance; `python -m mxdna_jax.convert check FILE.npz`
+prints that table and exits 1 when any key is over tolerance or an integer key differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mxdna_jax import convert
+from mxdna_jax.config import ModelConfig
+from mxdna_jax.model import (MxDNAForMaskedLM, MxDNAForSequenceClassification, MxDNAForTokenExtraction,
+                             flatten_tokens)
+from mxdna_jax.tokenization import router_z_loss_official
+
+# Absolute tolerances per key (the fixtures' README §10 groups). Integer keys must match exactly.
+TOLERANCE = {
+    "embeddings": 1e-6,
+    "nucleotide_layer_outputs": 1e-5,
+    "conversion_input_layernorm_out": 2e-5,
+    "router_logits": 1e-5, "train_router_logits": 1e-5,
+    "moe_output": 1e-5, "deform_input": 1e-5,
+    "deform_layernorm_out": 2e-5, "deform_offset": 1e-5, "deform_modulator_logit": 1e-5,
+    "conversion_output": 5e-5, "token_layer_outputs": 5e-5,
+    "final_hidden": 1e-4, "token_extraction": 1e-4,
+    "decoder_output": 1e-5, "decoder_norm_output": 2e-5,
+    "mlm_logits": 1e-5, "train_mlm_logits": 1e-5, "cls_logits": 1e-5, "cls_head_input": 2e-5,
+    "aux_loss": 1e-5, "mlm_ce_loss": 1e-5, "mlm_loss_total": 1e-5, "router_z_loss": 1e-5,
+}
+INTEGER_KEYS = ("nms_center", "nms_all", "motif_attention_mask", "train_nms_center", "train_nms_all",
+                "token_extraction_batch_index", "token_extraction_position")
+# (B, 3, L) in the fixtures, (B, L, 3) here
+_TAP_MAJOR = ("deform_offset", "deform_modulator_logit")
+
+
+def load_fixture(path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def fixture_config(fx: dict[str, np.ndarray], **overrides) -> ModelConfig:
+    hf = json.loads(str(fx["config_json"]))
+    return ModelConfig.from_official(hf, **overrides)
+
+
+def build_models(fx, cfg: ModelConfig):
+    sd = {k[len("param/"):]: v for k, v in fx.items() if k.startswith("param/")}
+    mlm = MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(0))
+    convert.load_into(mlm, sd)
+    tok = MxDNAForTokenExtraction(cfg, rngs=nnx.Rngs(0))
+    convert.load_into(tok, sd, strict=False)
+    models = {"mlm": mlm, "tokens": tok}
+    cls_sd = {k[len("cls_param/"):]: v for k, v in fx.items() if k.startswith("cls_param/")}
+    if cls_sd:
+        cls = MxDNAForSequenceClassification(cfg, rngs=nnx.Rngs(0))
+        backbone = {k: v for k, v in sd.items() if k.startswith("model.")}
+        convert.load_into(cls, {**backbone, **cls_sd})
+        models["cls"] = cls
+    return models
+
+
+def mlm_ce(logits_BLV, labels_BL):
+    valid = labels_BL != -100
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, jnp.where(valid, labels_BL, 0))
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def run_fixture(fx, cfg: ModelConfig, *, jit: bool = True) -> dict[str, np.ndarray]:
+    """Our outputs for every key the fixture stores (as numpy, in the fixture's layout)."""
+    models = build_models(fx, cfg)
+    inputs = (jnp.asarray(fx["input_ids"]), jnp.asarray(fx["attention_mask"]),
+              jnp.asarray(fx["special_tokens_mask"]))
+    labels = jnp.asarray(fx["mlm_labels"])
+    wrap = nnx.jit if jit else (lambda f, **kw: f)
+
+    @wrap
+    def mlm_forward(m, ids, am, sm, jitter):
+        out = m(ids, am, sm, capture=True, jitter=jitter)
+        inter = dict(out.backbone.intermediates)
+        ce = mlm_ce(out.logits, labels)
+        inter.update(mlm_logits=out.logits, aux_loss=out.aux_loss, mlm_ce_loss=ce,
+                     mlm_loss_total=ce + cfg.router_aux_loss_coef * out.aux_loss,
+                     router_z_loss=router_z_loss_official(out.backbone.router_logits, out.backbone.center))
+        return inter
+
+    res: dict[str, Any] = dict(mlm_forward(models["mlm"], *inputs, None))
+    if "train_jitter" in fx:
+        tr = mlm_forward(models["mlm"], *inputs, jnp.asarray(fx["train_jitter"]))
+        res.update(train_router_logits=tr["router_logits"], train_nms_center=tr["nms_center"],
+                   train_nms_all=tr["nms_all"], train_mlm_logits=tr["mlm_logits"])
+    if "cls" in models:
+        cls_logits, cls_out = wrap(lambda m, *a: m(*a, capture=True))(models["cls"], *inputs)
+        res["cls_logits"], res["cls_head_input"] = cls_logits, cls_out.intermediates["cls_head_input"]
+    ext = wrap(lambda m, *a: m(*a))(models["tokens"], *inputs)
+    rows, b, pos = flatten_tokens(ext.tokens, ext.mask, ext.positions)
+    res.update(token_extraction=rows, token_extraction_batch_index=b, token_extraction_position=pos)
+    res["nms_attention_mask"] = fx["attention_mask"] if "nms_attention_mask" in fx else None
+    out = {k: np.asarray(v) for k, v in res.items() if v is not None}
+    for k in _TAP_MAJOR:
+        if k in out:
+            out[k] = out[k].transpose(0, 2, 1)
+    return out
+
+
+def compare(fx, ours) -> list[dict]:
+    rows = []
+    for key in sorted(set(fx) & set(ours)):
+        ref, got = np.asarray(fx[key]), np.asarray(ours[key])
+        if key in INTEGER_KEYS or key == "nms_attention_mask":
+            ok = ref.shape == got.shape and bool((ref == got).all())
+            n_bad = int((ref != got).sum()) if ref.shape == got.shape else -1
+            rows.append(dict(key=key, kind="exact", error=n_bad, tol=0, ok=ok))
+        elif key in TOLERANCE:
+            if ref.shape != got.shape:
+                rows.append(dict(key=key, kind="abs", error=float("inf"), tol=TOLERANCE[key], ok=False))
+                continue
+            err = float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
+            rows.append(dict(key=key, kind="abs", error=err, tol=TOLERANCE[key], ok=err <= TOLERANCE[key]))
+    return rows
+
+
+def compare_fixture(path, **overrides) -> list[dict]:
+    fx = load_fixture(path)
+    cfg = fixture_config(fx, **overrides)
+    return compare(fx, run_fixture(fx, cfg))
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mxdna_jax.convert")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="compare a shared/reference-format fixture with this model")
+    c.add_argument("fixture")
+    c.add_argument("--mode", choices=("original", "compact"), default="original")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
+    i = sub.add_parser("import", help="official .safetensors/.npz (+config.json) -> our Orbax params dir")
+    i.add_argument("weights")
+    i.add_argument("out_dir")
+    i.add_argument("--config", default=None, help="official config.json (default: next to the weights)")
+    i.add_argument("--head", choices=("mlm", "cls", "tokens"), default="mlm")
+    e = sub.add_parser("export", help="our Orbax params dir -> official-named .safetensors")
+    e.add_argument("params_dir")
+    e.add_argument("out")
+    args = p.parse_args(argv)
+    if args.cmd == "check":
+        overrides = {"mode": args.mode}
+        if args.mode == "compact":
+            overrides["token_capacity_fraction"] = 1.0
+        rows = compare_fixture(args.fixture, **overrides)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(f"{'key':34s} {'max abs err':>12s} {'tol':>9s}")
+            for r in rows:
+                err = f"{r['error']} diff" if r["kind"] == "exact" else f"{r['error']:.3e}"
+                print(f"{r['key']:34s} {err:>12s} {r['tol']:>9.1e} {'ok' if r['ok'] else 'FAIL'}")
+        bad = [r["key"] for r in rows if not r["ok"]]
+        if bad:
+            print(f"over tolerance: {', '.join(bad)}", file=sys.stderr)
+            return 1
+        print(f"all {len(rows)} keys within tolerance")
+        return 0
+    from mxdna_jax import params_io
+
+    if args.cmd == "import":
+        model = convert.from_official(args.weights, args.config, head=args.head)
+        params_io.save_params(model, args.out_dir)
+        print(f"wrote {args.out_dir}")
+        return 0
+    if args.cmd == "export":
+        from safetensors.numpy import save_file
+
+        model = params_io.load_params(args.params_dir)
+        save_file(convert.export_state_dict(model), args.out)
+        print(f"wrote {args.out}")
+        return 0
+    return 2

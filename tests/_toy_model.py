@@ -1,0 +1,103 @@
+"""A stand-in for MxDNAForMaskedLM in the training-infrastructure tests.
+
+Same contract as the real model: `nnx.Param`s with `logical_axes` metadata using the model's
+logical names, and a loss `toy_loss_fn(model, batch, rng, *, token_capacity) -> (loss, metrics)`
+with mlm_loss / aux_loss / accuracy / overflow / loss_weight. Overflow is simulated: each row
+carries `units` (how many token slots it needs) and overflows when that exceeds the capacity.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+VOCAB = 9
+
+
+class ToyMLM(nnx.Module):
+    def __init__(self, vocab: int = VOCAB, d: int = 16, f: int = 32, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.2)
+        self.embed = nnx.Param(init(rngs.params(), (vocab, d)), logical_axes=("vocab", "embed"))
+        self.conv = nnx.Param(init(rngs.params(), (3, d, d)), logical_axes=("taps", "conv_in", "embed"))
+        self.norm_scale = nnx.Param(jnp.ones((d,)), logical_axes=("embed",))
+        self.qkv = nnx.Param(init(rngs.params(), (d, 2 * d)), logical_axes=("embed", "qkv"))
+        self.w_in = nnx.Param(init(rngs.params(), (2 * d, f)), logical_axes=(None, "mlp"))
+        self.b_in = nnx.Param(jnp.zeros((f,)), logical_axes=("mlp",))
+        self.w_out = nnx.Param(init(rngs.params(), (f, d)), logical_axes=("mlp", "embed"))
+        self.router = nnx.Param(init(rngs.params(), (d, 10)), logical_axes=("embed", "experts"))
+        self.head = nnx.Param(init(rngs.params(), (d, vocab)), logical_axes=("embed", "vocab"))
+
+    def __call__(self, ids, jitter_key=None):
+        x = jnp.take(self.embed[...], ids, axis=0)  # (B, L, d)
+        xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0)))
+        w = self.conv[...]
+        x = x + xp[:, :-2] @ w[0] + xp[:, 1:-1] @ w[1] + xp[:, 2:] @ w[2]
+        x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * self.norm_scale[...][None, None, :]
+        router = x @ self.router[...]
+        if jitter_key is not None:
+            router = router + 0.01 * jax.random.normal(jitter_key, router.shape, router.dtype)
+        probs = jax.nn.softmax(router.astype(jnp.float32), -1)
+        h = jax.nn.gelu(x @ self.qkv[...] @ self.w_in[...] + self.b_in[...][None, None, :])
+        x = x + h @ self.w_out[...]
+        return x @ self.head[...], probs
+
+
+def toy_loss_fn(model, batch, rng, *, token_capacity, aux_coef: float = 0.01):
+    logits, probs = model(batch["input_ids"], rng)
+    logits = logits.astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    n = mask.sum()
+    mlm = (ce * mask).sum() / jnp.maximum(n, 1.0)
+    aux = 10.0 * jnp.sum(probs.mean((0, 1)) ** 2)
+    acc = ((logits.argmax(-1) == batch["labels"]) * mask).sum() / jnp.maximum(n, 1.0)
+    loss = mlm + aux_coef * aux
+    if "poison" in batch:  # test hook: NaN loss on demand
+        loss = loss + jnp.where(batch["poison"].any(), jnp.nan, 0.0)
+    if token_capacity is None:
+        overflow = jnp.zeros((), jnp.bool_)
+    else:
+        overflow = (batch["units"] > token_capacity).any()
+    return loss, {"mlm_loss": mlm, "aux_loss": aux, "accuracy": acc, "overflow": overflow, "loss_weight": n}
+
+
+def make_model(seed: int = 0, **kw) -> ToyMLM:
+    return ToyMLM(rngs=nnx.Rngs(params=seed), **kw)
+
+
+def make_batch(seed: int, batch: int = 8, length: int = 12, *, units: int | None = None) -> dict:
+    """A deterministic MLM batch; `mask` density varies per row so loss weights are uneven."""
+    r = np.random.default_rng(seed)
+    labels = r.integers(5, VOCAB, (batch, length)).astype(np.int32)
+    mask = r.random((batch, length)) < np.linspace(0.1, 0.6, batch)[:, None]
+    mask[:, 0] = True
+    ids = np.where(mask, 4, labels).astype(np.int32)
+    u = np.full((batch,), 4 if units is None else units, np.int32)
+    return {"input_ids": ids, "labels": labels, "mask": mask, "units": u}
+
+
+class ToyIterator:
+    """Deterministic batches with grain-like get_state()/set_state()."""
+
+    def __init__(self, seed: int = 0, batch: int = 8, length: int = 12, shard_index: int = 0, num_shards: int = 1):
+        self.seed, self.batch, self.length = seed, batch // num_shards, length
+        self.shard_index, self.num_shards, self.pos = shard_index, num_shards, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = make_batch(self.seed * 100_003 + self.pos, self.batch * self.num_shards, self.length)
+        self.pos += 1
+        lo = self.shard_index * self.batch
+        return {k: v[lo:lo + self.batch] for k, v in b.items()}
+
+    def get_state(self):
+        return {"pos": self.pos, "seed": self.seed}
+
+    def set_state(self, state):
+        self.pos = int(state["pos"])
