@@ -2,7 +2,15 @@
 
 import ml_collections
 
-from configs import base
+try:
+    from configs import base
+except ImportError:  # loaded by file path (config_flags) with the repo root not on sys.path
+    import importlib.util
+    import pathlib
+
+    _spec = importlib.util.spec_from_file_location("_mxdna_configs_base", pathlib.Path(__file__).with_name("base.py"))
+    base = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(base)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -181,7 +181,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, graphdef,
             loss = (losses * ws).sum() / total
             metrics = _combine_metrics(metrics, ws)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         overflow = jnp.asarray(metrics.get("overflow", False), jnp.bool_)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         ok = finite & ~overflow

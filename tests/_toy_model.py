@@ -18,17 +18,23 @@ VOCAB = 9
 
 
 class ToyMLM(nnx.Module):
-    def __init__(self, vocab: int = VOCAB, d: int = 16, f: int = 32, *, rngs: nnx.Rngs):
-        init = jax.nn.initializers.normal(0.2)
-        self.embed = nnx.Param(init(rngs.params(), (vocab, d)), logical_axes=("vocab", "embed"))
-        self.conv = nnx.Param(init(rngs.params(), (3, d, d)), logical_axes=("taps", "conv_in", "embed"))
+    def __init__(self, vocab: int = VOCAB, d: int = 16, f: int = 32, *, seed: int = 0):
+        # numpy init from an int seed: jax.random compiles slowly on CPU (~1 s per shape) and these
+        # tests build many models; the real model takes rngs=nnx.Rngs(params=seed).
+        r = np.random.default_rng(seed)
+
+        def init(*shape):
+            return jnp.asarray(0.2 * r.standard_normal(shape), jnp.float32)
+
+        self.embed = nnx.Param(init(vocab, d), logical_axes=("vocab", "embed"))
+        self.conv = nnx.Param(init(3, d, d), logical_axes=("taps", "conv_in", "embed"))
         self.norm_scale = nnx.Param(jnp.ones((d,)), logical_axes=("embed",))
-        self.qkv = nnx.Param(init(rngs.params(), (d, 2 * d)), logical_axes=("embed", "qkv"))
-        self.w_in = nnx.Param(init(rngs.params(), (2 * d, f)), logical_axes=(None, "mlp"))
+        self.qkv = nnx.Param(init(d, 2 * d), logical_axes=("embed", "qkv"))
+        self.w_in = nnx.Param(init(2 * d, f), logical_axes=(None, "mlp"))
         self.b_in = nnx.Param(jnp.zeros((f,)), logical_axes=("mlp",))
-        self.w_out = nnx.Param(init(rngs.params(), (f, d)), logical_axes=("mlp", "embed"))
-        self.router = nnx.Param(init(rngs.params(), (d, 10)), logical_axes=("embed", "experts"))
-        self.head = nnx.Param(init(rngs.params(), (d, vocab)), logical_axes=("embed", "vocab"))
+        self.w_out = nnx.Param(init(f, d), logical_axes=("mlp", "embed"))
+        self.router = nnx.Param(init(d, 10), logical_axes=("embed", "experts"))
+        self.head = nnx.Param(init(d, vocab), logical_axes=("embed", "vocab"))
 
     def __call__(self, ids, jitter_key=None):
         x = jnp.take(self.embed[...], ids, axis=0)  # (B, L, d)
@@ -66,7 +72,7 @@ def toy_loss_fn(model, batch, rng, *, token_capacity, aux_coef: float = 0.01):
 
 
 def make_model(seed: int = 0, **kw) -> ToyMLM:
-    return ToyMLM(rngs=nnx.Rngs(params=seed), **kw)
+    return ToyMLM(seed=seed, **kw)
 
 
 def make_batch(seed: int, batch: int = 8, length: int = 12, *, units: int | None = None) -> dict:

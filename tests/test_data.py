@@ -305,6 +305,9 @@ def test_batch_format_and_determinism():
     assert_batches_equal(take(iter(data.dataset()), 3), again)
     other = take(iter(PretrainData(small_cfg(seed=1)).dataset()), 3)
     assert not np.array_equal(other[0]["input_ids"], again[0]["input_ids"])
+    # Streams (train / validation / eval) and elements never share random numbers.
+    draws = [element_rng(0, stream, i).random(4) for stream in (0, 1, 2) for i in (0, 1)]
+    assert len({d.tobytes() for d in draws}) == 6
     # Any element can be recomputed from its global index alone.
     elements = data.elements()
     for j in (0, 5):

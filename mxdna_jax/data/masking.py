@@ -41,15 +41,16 @@ def mask_tokens(
             f"need mask_token_frac, random_token_frac >= 0 with sum <= 1, got {mask_token_frac}, {random_token_frac}"
         )
     ids = np.asarray(input_ids, dtype=np.int32)
+    if ids.ndim == 0:
+        raise ValueError("input_ids must have a length axis")
     shape = ids.shape
-    ids2 = ids.reshape(-1, shape[-1]) if ids.ndim else ids.reshape(1, 1)
+    ids2 = ids.reshape(-1, shape[-1])
     eligible = (ids2 >= _LO) & (ids2 <= _HI)
     selected = eligible & (rng.random(ids2.shape) < mask_prob)
 
     # Rows with eligible positions but nothing drawn: select one eligible position at random.
     empty = eligible.any(axis=1) & ~selected.any(axis=1)
     if empty.any():
-        return ids, np.full(shape, -100, np.int32)
         rows = np.flatnonzero(empty)
         keys = np.where(eligible[rows], rng.random((rows.size, ids2.shape[1])), -1.0)
         selected[rows, keys.argmax(axis=1)] = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import os
 
 import grain
 import numpy as np
@@ -47,9 +48,14 @@ class PretrainDataConfig:
     drop_gaps: bool = False
     cache_dir: str | None = None
 
+    @property
+    def seq_length(self) -> int:
+        """Model sequence length: the window plus [CLS] and [SEP]."""
+        return self.window + 2
+
     def __post_init__(self):
-        if isinstance(self.fasta, str):
-            object.__setattr__(self, "fasta", (self.fasta,) if self.fasta else ())
+        paths = (self.fasta,) if isinstance(self.fasta, (str, os.PathLike)) else self.fasta
+        object.__setattr__(self, "fasta", tuple(str(p) for p in paths if str(p)))
         if self.window < 1 or self.global_batch_size < 1:
             raise ValueError("window and global_batch_size must be positive")
         for name in ("rc_prob", "max_n_frac", "val_fraction"):
@@ -211,7 +217,12 @@ class PretrainData:
         )
 
     def dataset(self, *, start_step: int = 0, num_steps: int | None = None) -> grain.IterDataset:
-        """This process's batches for steps start_step, start_step+1, ... (checkpointable iterator)."""
+        """This process's batches for steps start_step, start_step+1, ...
+
+        `iter(...)` gives a grain iterator with get_state()/set_state(). Its state embeds the
+        worker count; to resume with a different num_workers, pass start_step instead (the
+        data of a step does not depend on how it is produced).
+        """
         cfg, b = self.cfg, self.local_batch_size
         n = _ENDLESS_STEPS if num_steps is None else num_steps
         ds = (

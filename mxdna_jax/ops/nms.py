@@ -22,36 +22,27 @@ import jax
 import jax.numpy as jnp
 
 
-def _shift(x_BL, s: int):
-    """y[:, q] = x[:, q + s], zero-filled (s is a static int)."""
-    if s == 0:
-        return x_BL
-    L = x_BL.shape[1]
-    padded = jnp.pad(x_BL, ((0, 0), (max(-s, 0), max(s, 0))))
-    return padded[:, max(s, 0): max(s, 0) + L]
+def _window_max(x_BL, before: int, after: int):
+    """y[:, q] = max(x[:, q - before .. q + after]), zero-filled outside (x >= 0)."""
+    return jax.lax.reduce_window(x_BL, jnp.zeros((), x_BL.dtype), jax.lax.max, (1, before + after + 1), (1, 1),
+                                 ((0, 0), (before, after)))
 
 
-def _cover(x_BLE, kernel_sizes, reduce):
-    """For each position q: reduce over candidates (p, e) whose span covers q of x[p, e]."""
+def _cover(x_BLE, kernel_sizes):
+    """For each position q: max over candidates (p, e) whose span covers q of x[p, e] (x >= 0).
+
+    Candidate p covers q when p - k//2 <= q < p - k//2 + k, i.e. q - (k - 1 - k//2) <= p <= q + k//2.
+    """
     out = None
     for e, k in enumerate(kernel_sizes):
-        for d in range(k):
-            # candidate p covers q when p - k//2 <= q < p - k//2 + k, i.e. p = q + k//2 - d
-            v = _shift(x_BLE[:, :, e], k // 2 - d)
-            out = v if out is None else reduce(out, v)
+        v = _window_max(x_BLE[:, :, e], k - 1 - k // 2, k // 2)
+        out = v if out is None else jnp.maximum(out, v)
     return out
 
 
-def _over_span(y_BL, kernel_sizes, reduce):
-    """For each candidate (p, e): reduce y over the positions of its span."""
-    cols = []
-    for k in kernel_sizes:
-        acc = None
-        for d in range(k):
-            v = _shift(y_BL, d - k // 2)
-            acc = v if acc is None else reduce(acc, v)
-        cols.append(acc)
-    return jnp.stack(cols, axis=-1)
+def _over_span(y_BL, kernel_sizes):
+    """For each candidate (p, e): max of y (>= 0) over the positions of its span."""
+    return jnp.stack([_window_max(y_BL, k // 2, k - 1 - k // 2) for k in kernel_sizes], axis=-1)
 
 
 def candidate_priority(logits_BLE):
@@ -97,22 +88,21 @@ def basic_unit_nms(logits_BLE, attention_mask_BL, kernel_sizes=tuple(range(1, 11
     def body(state):
         live, covered, accepted, rounds = state
         pri_live = jnp.where(live, priority_BLE, 0)
-        best_at_q = _cover(pri_live, kernel_sizes, jnp.maximum)
-        best_over_span = _over_span(best_at_q, kernel_sizes, jnp.maximum)
-        take = live & (best_over_span == priority_BLE)
+        best_at_q = _cover(pri_live, kernel_sizes)
+        take = live & (_over_span(best_at_q, kernel_sizes) == priority_BLE)
         accepted = accepted | take
-        covered = covered | _cover(take, kernel_sizes, jnp.logical_or)
-        live = live & ~take & ~_over_span(covered, kernel_sizes, jnp.logical_or)
+        covered = jnp.maximum(covered, _cover(take.astype(jnp.int32), kernel_sizes))
+        live = live & ~take & (_over_span(covered, kernel_sizes) == 0)
         return live, covered, accepted, rounds + 1
 
-    init = (live0_BLE, jnp.zeros((B, L), bool), jnp.zeros((B, L, E), bool), jnp.int32(0))
+    init = (live0_BLE, jnp.zeros((B, L), jnp.int32), jnp.zeros((B, L, E), bool), jnp.int32(0))
     _, _, accepted_BLE, rounds = jax.lax.while_loop(cond, body, init)
 
     expert_ids = jnp.arange(E, dtype=jnp.int32)
     center_BL = jnp.where(accepted_BLE.any(-1), jnp.argmax(accepted_BLE, axis=-1).astype(jnp.int32), -1)
-    # at most one accepted candidate covers a position: sum of (e + 1) over covering accepted ones
+    # at most one accepted candidate covers a position, so the max of (e + 1) over them is its tag
     tagged_BLE = jnp.where(accepted_BLE, expert_ids + 1, 0)
-    all_BL = _cover(tagged_BLE, kernel_sizes, jnp.add) - 1
+    all_BL = _cover(tagged_BLE, kernel_sizes) - 1
     if return_rounds:
         return center_BL, all_BL, rounds
     return center_BL, all_BL
