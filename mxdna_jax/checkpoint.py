@@ -92,7 +92,14 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 def _files(step_dir: epath.Path) -> list[epath.Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    out, todo = [], [step_dir]
+    while todo:  # epath's rglob refuses '**' (GCS); a step has only dozens of files
+        for p in todo.pop().iterdir():
+            if p.is_dir():
+                todo.append(p)
+            elif p.name != MANIFEST:
+                out.append(p)
+    return sorted(out)
 
 
 def _digest(path: epath.Path) -> str:

@@ -95,10 +95,12 @@ class MxDNAModel(nnx.Module):
         capacity = self.resolve_capacity(L, token_capacity)
         tok = self.tokenization(h, am, sm, jitter_BLD=jitter, capacity=capacity, dense_experts=dense_experts,
                                 expert_tile=expert_tile, sow=sow)
+        # in compact mode the token-row states have another layout (B, T, D): other names
+        prefix = "" if capacity is None else "compact_"
         if capture:
             inter["router_logits"] = tok.router_logits
             inter["nms_center"], inter["nms_all"] = tok.center, tok.all
-            inter["conversion_output"] = tok.hidden
+            inter[prefix + "conversion_output"] = tok.hidden
         t = tok.hidden
         rope_T = rope_tables(tok.positions, cfg.head_dim, cfg.rope_theta)
         tok_outs = []
@@ -106,17 +108,12 @@ class MxDNAModel(nnx.Module):
             t = _maybe_remat(layer, cfg.remat)(t, rope_T, tok.mask)
             tok_outs.append(t)
         if capture and tok_outs:
-            inter["token_layer_outputs"] = jnp.stack(tok_outs)
+            inter[prefix + "token_layer_outputs"] = jnp.stack(tok_outs)
         final = self.final_norm(t)
-        if capacity is None:
-            # original layout: keep the full-length states and also expose the token view
-            if capture:
-                inter["final_hidden"] = final
-            positions, mask = tok.positions, tok.mask
-        else:
-            positions, mask = tok.positions, tok.mask
-        return BackboneOutput(h, final, positions, mask, tok.router_logits, tok.center, tok.all, tok.aux_loss,
-                              tok.overflow, inter)
+        if capture:
+            inter[prefix + "final_hidden"] = final
+        return BackboneOutput(h, final, tok.positions, tok.mask, tok.router_logits, tok.center, tok.all,
+                              tok.aux_loss, tok.overflow, inter)
 
 
 def _maybe_remat(layer, remat: bool):
@@ -135,7 +132,7 @@ class LMHead(nnx.Module):
 
     def __call__(self, x):
         h = self.norm(jax.nn.gelu(self.dense(x), approximate=False))
-        return self.decoder(h).astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return self.decoder(h).astype(jnp.float32) + self.bias[...].astype(jnp.float32)[None, None, :]
 
 
 class MLMOutput(NamedTuple):
@@ -186,10 +183,15 @@ class MxDNAForSequenceClassification(nnx.Module):
 
     def __call__(self, input_ids, attention_mask, special_tokens_mask=None, **kw):
         out = self.model(input_ids, attention_mask, special_tokens_mask, **kw)
-        cls = self.cls_norm(out.token_hidden[:, 0])  # [CLS] is row 0 in both layouts
+        logits, cls = self.head(out)
         if kw.get("capture"):
             out.intermediates["cls_head_input"] = cls
-        return self.out_proj(jnp.tanh(self.dense(cls))).astype(jnp.float32), out
+        return logits, out
+
+    def head(self, out: BackboneOutput):
+        """(logits (B, C), head input (B, D)) from a backbone output."""
+        cls = self.cls_norm(out.token_hidden[:, 0])  # [CLS] is row 0 in both layouts
+        return self.out_proj(jnp.tanh(self.dense(cls))).astype(jnp.float32), cls
 
 
 class TokenExtractionOutput(NamedTuple):
@@ -212,9 +214,14 @@ class MxDNAForTokenExtraction(nnx.Module):
     def __call__(self, input_ids, attention_mask, special_tokens_mask=None, **kw) -> TokenExtractionOutput:
         out = self.model(input_ids, attention_mask, special_tokens_mask, **kw)
         sm = derive_special_mask(input_ids) if special_tokens_mask is None else special_tokens_mask
-        is_special_T = gather_rows(sm.astype(jnp.int32), out.token_positions)
-        mask = out.token_mask * (1 - is_special_T)
-        return TokenExtractionOutput(out.token_hidden, out.token_positions, mask, out)
+        return extract_tokens(out, sm)
+
+
+def extract_tokens(out: BackboneOutput, special_tokens_mask) -> TokenExtractionOutput:
+    """The unit tokens of a backbone output: token rows minus [CLS]/[SEP]."""
+    is_special_T = gather_rows(special_tokens_mask.astype(jnp.int32), out.token_positions)
+    mask = out.token_mask * (1 - is_special_T)
+    return TokenExtractionOutput(out.token_hidden, out.token_positions, mask, out)
 
 
 def flatten_tokens(tokens_BTD, mask_BT, positions_BT=None):

@@ -20,8 +20,7 @@ from flax import nnx
 
 from mxdna_jax import convert
 from mxdna_jax.config import ModelConfig
-from mxdna_jax.model import (MxDNAForMaskedLM, MxDNAForSequenceClassification, MxDNAForTokenExtraction,
-                             flatten_tokens)
+from mxdna_jax.model import MxDNAForMaskedLM, MxDNAForSequenceClassification, extract_tokens, flatten_tokens
 from mxdna_jax.tokenization import router_z_loss_official
 
 # Absolute tolerances per key (the fixtures' README §10 groups). Integer keys must match exactly.
@@ -58,9 +57,7 @@ def build_models(fx, cfg: ModelConfig):
     sd = {k[len("param/"):]: v for k, v in fx.items() if k.startswith("param/")}
     mlm = MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(0))
     convert.load_into(mlm, sd)
-    tok = MxDNAForTokenExtraction(cfg, rngs=nnx.Rngs(0))
-    convert.load_into(tok, sd, strict=False)
-    models = {"mlm": mlm, "tokens": tok}
+    models = {"mlm": mlm}
     cls_sd = {k[len("cls_param/"):]: v for k, v in fx.items() if k.startswith("cls_param/")}
     if cls_sd:
         cls = MxDNAForSequenceClassification(cfg, rngs=nnx.Rngs(0))
@@ -77,36 +74,40 @@ def mlm_ce(logits_BLV, labels_BL):
 
 
 def run_fixture(fx, cfg: ModelConfig, *, jit: bool = True) -> dict[str, np.ndarray]:
-    """Our outputs for every key the fixture stores (as numpy, in the fixture's layout)."""
+    """Our outputs for every key the fixture stores (as numpy, in the fixture's layout).
+
+    One compiled forward serves every head: the classifier head and the token extraction read
+    the masked-LM model's backbone output (the three official classes share the backbone
+    weights), and eval mode is the train-mode graph with a jitter of exactly 1.
+    """
     models = build_models(fx, cfg)
-    inputs = (jnp.asarray(fx["input_ids"]), jnp.asarray(fx["attention_mask"]),
-              jnp.asarray(fx["special_tokens_mask"]))
+    ids, am, sm = (jnp.asarray(fx[k]) for k in ("input_ids", "attention_mask", "special_tokens_mask"))
     labels = jnp.asarray(fx["mlm_labels"])
-    wrap = nnx.jit if jit else (lambda f, **kw: f)
+    wrap = nnx.jit if jit else (lambda f: f)
 
     @wrap
-    def mlm_forward(m, ids, am, sm, jitter):
-        out = m(ids, am, sm, capture=True, jitter=jitter)
-        inter = dict(out.backbone.intermediates)
+    def forward(mlm, cls, jitter):
+        out = mlm(ids, am, sm, capture=True, jitter=jitter)
+        res = dict(out.backbone.intermediates)
         ce = mlm_ce(out.logits, labels)
-        inter.update(mlm_logits=out.logits, aux_loss=out.aux_loss, mlm_ce_loss=ce,
-                     mlm_loss_total=ce + cfg.router_aux_loss_coef * out.aux_loss,
-                     router_z_loss=router_z_loss_official(out.backbone.router_logits, out.backbone.center))
-        return inter
+        res.update(mlm_logits=out.logits, aux_loss=out.aux_loss, mlm_ce_loss=ce,
+                   mlm_loss_total=ce + cfg.router_aux_loss_coef * out.aux_loss,
+                   router_z_loss=router_z_loss_official(out.backbone.router_logits, out.backbone.center))
+        if cls is not None:
+            res["cls_logits"], res["cls_head_input"] = cls.head(out.backbone)
+        ext = extract_tokens(out.backbone, sm)
+        res.update(tokens=ext.tokens, token_mask=ext.mask, token_positions=ext.positions)
+        return res
 
-    res: dict[str, Any] = dict(mlm_forward(models["mlm"], *inputs, None))
+    B, L = ids.shape
+    res: dict[str, Any] = dict(forward(models["mlm"], models.get("cls"), jnp.ones((B, L, cfg.hidden_size))))
     if "train_jitter" in fx:
-        tr = mlm_forward(models["mlm"], *inputs, jnp.asarray(fx["train_jitter"]))
+        tr = forward(models["mlm"], models.get("cls"), jnp.asarray(fx["train_jitter"]))
         res.update(train_router_logits=tr["router_logits"], train_nms_center=tr["nms_center"],
                    train_nms_all=tr["nms_all"], train_mlm_logits=tr["mlm_logits"])
-    if "cls" in models:
-        cls_logits, cls_out = wrap(lambda m, *a: m(*a, capture=True))(models["cls"], *inputs)
-        res["cls_logits"], res["cls_head_input"] = cls_logits, cls_out.intermediates["cls_head_input"]
-    ext = wrap(lambda m, *a: m(*a))(models["tokens"], *inputs)
-    rows, b, pos = flatten_tokens(ext.tokens, ext.mask, ext.positions)
+    rows, b, pos = flatten_tokens(res.pop("tokens"), res.pop("token_mask"), res.pop("token_positions"))
     res.update(token_extraction=rows, token_extraction_batch_index=b, token_extraction_position=pos)
-    res["nms_attention_mask"] = fx["attention_mask"] if "nms_attention_mask" in fx else None
-    out = {k: np.asarray(v) for k, v in res.items() if v is not None}
+    out = {k: np.asarray(v) for k, v in res.items()}
     for k in _TAP_MAJOR:
         if k in out:
             out[k] = out[k].transpose(0, 2, 1)
@@ -117,7 +118,7 @@ def compare(fx, ours) -> list[dict]:
     rows = []
     for key in sorted(set(fx) & set(ours)):
         ref, got = np.asarray(fx[key]), np.asarray(ours[key])
-        if key in INTEGER_KEYS or key == "nms_attention_mask":
+        if key in INTEGER_KEYS:
             ok = ref.shape == got.shape and bool((ref == got).all())
             n_bad = int((ref != got).sum()) if ref.shape == got.shape else -1
             rows.append(dict(key=key, kind="exact", error=n_bad, tol=0, ok=ok))

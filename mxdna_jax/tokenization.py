@@ -53,7 +53,7 @@ def conv1d_same(y_BLD, w_KDO, b_O):
     padded = jnp.pad(y_BLD, ((0, 0), (1, 1), (0, 0)))
     L = y_BLD.shape[1]
     taps = jnp.stack([padded[:, i: i + L] for i in range(w_KDO.shape[0])], axis=2)  # (B, L, K, D)
-    return jnp.einsum("blkd,kdo->blo", taps.astype(jnp.float32), w_KDO.astype(jnp.float32)) + b_O
+    return jnp.einsum("blkd,kdo->blo", taps.astype(jnp.float32), w_KDO.astype(jnp.float32)) + b_O[None, None, :]
 
 
 def gather_rows(x_BL_, idx_BT):

@@ -83,21 +83,29 @@ def make_batch(seed: int, batch: int = 8, length: int = 12, *, units: int | None
     mask[:, 0] = True
     ids = np.where(mask, 4, labels).astype(np.int32)
     u = np.full((batch,), 4 if units is None else units, np.int32)
-    return {"input_ids": ids, "labels": labels, "mask": mask, "units": u}
+    # `poison` is always present (all False) so that NaN tests reuse the compiled clean step.
+    return {"input_ids": ids, "labels": labels, "mask": mask, "units": u, "poison": np.zeros((batch,), bool)}
 
 
 class ToyIterator:
     """Deterministic batches with grain-like get_state()/set_state()."""
 
-    def __init__(self, seed: int = 0, batch: int = 8, length: int = 12, shard_index: int = 0, num_shards: int = 1):
+    def __init__(self, seed: int = 0, batch: int = 8, length: int = 12, shard_index: int = 0, num_shards: int = 1,
+                 *, units: dict | None = None, poison_at: int | None = None, fail_at: int | None = None):
         self.seed, self.batch, self.length = seed, batch // num_shards, length
         self.shard_index, self.num_shards, self.pos = shard_index, num_shards, 0
+        # test hooks keyed by batch position: rows needing more token slots, a NaN batch, a crash
+        self.units, self.poison_at, self.fail_at = units or {}, poison_at, fail_at
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        b = make_batch(self.seed * 100_003 + self.pos, self.batch * self.num_shards, self.length)
+        if self.pos == self.fail_at:
+            raise RuntimeError(f"simulated crash while reading batch {self.pos}")
+        b = make_batch(self.seed * 100_003 + self.pos, self.batch * self.num_shards, self.length,
+                       units=self.units.get(self.pos))
+        b["poison"][:] = self.pos == self.poison_at
         self.pos += 1
         lo = self.shard_index * self.batch
         return {k: v[lo:lo + self.batch] for k, v in b.items()}

@@ -6,8 +6,12 @@ XLA_FLAGS must be set before JAX creates a backend, so this runs at import time.
 import os
 import pathlib
 
+# XLA:CPU spends most of a test's time in LLVM; the tests' programs are small, so trade
+# run-time speed for compile speed (MXDNA_TEST_XLA_OPT=2 restores the default optimisation).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + f" --xla_backend_optimization_level={os.environ.get('MXDNA_TEST_XLA_OPT', '0')}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -31,3 +35,25 @@ def shared_path(*parts):
     if not p.exists():
         pytest.skip(f"{p} not present")
     return p
+
+
+@pytest.fixture(scope="module")
+def jax_compile_cache(tmp_path_factory):
+    """A persistent compilation cache for one test module, shared across modules of the session.
+
+    Tests that rebuild identical jitted steps (fresh closures, same HLO) then compile once; XLA on
+    CPU takes seconds per train step. Restores the previous settings afterwards.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_compile_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()  # jax decides once per process whether the cache is on
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()

@@ -16,10 +16,12 @@ import _toy_model as toy
 from mxdna_jax import optim, sharding, train_lib
 from mxdna_jax.config import ModelConfig
 
+pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CFG = dict(lr=1e-2, warmup_steps=2, steps=10, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.98,
                  grad_clip=1.0)
-# 2 micro-batches of 4 rows vs one batch of 8 (rows have different mask counts): float32 sums
+# 2 micro-batches of 8 rows vs one batch of 16 (rows have different mask counts): float32 sums
 # in a different order, measured max |diff| ~1e-7 on params after one update.
 ACCUM_ATOL = 1e-6
 
@@ -87,46 +89,59 @@ def test_locked_config_rejects_typos():
     c = load_config("tiny")
     with pytest.raises(AttributeError, match="steps"):
         c.train.stesp = 5
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=str(ROOT / "configs" / "tiny.py"), flag_values=fv)
-    fv(["prog", "--config.train.steps=7", "--config.checkpoint.async_save=false"])
-    assert fv.config.train.steps == 7 and fv.config.checkpoint.async_save is False
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=str(ROOT / "configs" / "tiny.py"), flag_values=fv)
+    path = str(ROOT / "configs" / "tiny.py")
+
+    def parse(*args):
+        argv = ["prog", f"--config={path}", *args]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+        fv(argv)
+        return fv.config
+
+    c = parse("--config.train.steps=7", "--config.checkpoint.async_save=false")
+    assert c.train.steps == 7 and c.checkpoint.async_save is False
     with pytest.raises(Exception, match="stesp"):
-        fv(["prog", "--config.train.stesp=5"])
+        parse("--config.train.stesp=5")
+    with pytest.raises(Exception):
+        parse("--config.train.steps=7.5")  # type-checked too
 
 
 # ------------------------------------------------------------------ train step semantics
-
-
-def _setup(mesh=None, *, accum=1, compute_dtype=None, cfg=TRAIN_CFG):
-    mesh = mesh or sharding.make_mesh(-1, 1, 1)
-    tx, sched = optim.make_optimizer(cfg)
-    graphdef, state, sh = train_lib.init_train_state(toy.make_model, tx, mesh, seed=0)
-    step = train_lib.make_train_step(toy.toy_loss_fn, tx, graphdef, sh, mesh, grad_accum_steps=accum,
-                                     compute_dtype=compute_dtype, schedule=sched)
-    return mesh, graphdef, state, sh, step
 
 
 def _params(state):
     return jax.device_get(nnx.to_pure_dict(state.params))
 
 
-def test_grad_accumulation_matches_full_batch():
-    """2 micro-batches of 4 == one batch of 8, rows with uneven masked-token counts (so the
+@pytest.fixture(scope="module")
+def setup():
+    """One jitted fp32 step shared by the tests below (each starts from a fresh state)."""
+    mesh = sharding.make_mesh(-1, 1, 1)
+    tx, sched = optim.make_optimizer(TRAIN_CFG)
+    graphdef, _, sh = train_lib.init_train_state(toy.make_model, tx, mesh, seed=0)
+    step = train_lib.make_train_step(toy.toy_loss_fn, tx, graphdef, sh, mesh, schedule=sched)
+
+    def fresh():
+        return train_lib.init_train_state(toy.make_model, tx, mesh, seed=0)[1]
+
+    return mesh, tx, sched, graphdef, sh, step, fresh
+
+
+def test_grad_accumulation_matches_full_batch(setup):
+    """2 micro-batches of 8 == one batch of 16, rows with uneven masked-token counts (so the
     loss_weight weighting matters). The router jitter is off: its key differs per micro-batch."""
 
     def no_jitter(model, batch, rng, *, token_capacity):
-        return toy.toy_loss_fn(model, batch, None, token_capacity=token_capacity)
+        # aux_coef=0: the aux loss is pooled over the (micro-)batch, a nonlinear function of the
+        # pool, so it is by construction not additive over micro-batches.
+        return toy.toy_loss_fn(model, batch, None, token_capacity=token_capacity, aux_coef=0.0)
 
-    mesh = sharding.make_mesh(-1, 1, 1)
-    tx, _ = optim.make_optimizer(TRAIN_CFG)
+    mesh, tx, _, graphdef, sh, _, fresh = setup
     results = []
     for accum in (1, 2):
-        graphdef, state, sh = train_lib.init_train_state(toy.make_model, tx, mesh, seed=0)
         step = train_lib.make_train_step(no_jitter, tx, graphdef, sh, mesh, grad_accum_steps=accum)
-        state, m = step(state, sharding.host_batch_to_global(toy.make_batch(3), mesh), token_capacity=None)
+        state, m = step(fresh(), sharding.host_batch_to_global(toy.make_batch(3, batch=16), mesh),
+                        token_capacity=None)
         results.append((float(m["loss"]), float(m["grad_norm"]), _params(state)))
     (l1, g1, p1), (l2, g2, p2) = results
     np.testing.assert_allclose(l2, l1, atol=ACCUM_ATOL)
@@ -134,23 +149,25 @@ def test_grad_accumulation_matches_full_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ACCUM_ATOL, rtol=0), p2, p1)
 
 
-def test_bf16_compute_keeps_fp32_master_params():
-    mesh, _, s32, _, step32 = _setup()
-    _, _, s16, _, step16 = _setup(compute_dtype="bfloat16")
+def test_bf16_compute_keeps_fp32_master_params(setup):
+    mesh, tx, sched, graphdef, sh, step32, fresh = setup
+    step16 = train_lib.make_train_step(toy.toy_loss_fn, tx, graphdef, sh, mesh, compute_dtype="bfloat16",
+                                       schedule=sched)
     batch = sharding.host_batch_to_global(toy.make_batch(0), mesh)
-    s32, m32 = step32(s32, batch, token_capacity=None)
-    s16, m16 = step16(s16, batch, token_capacity=None)
+    s32, m32 = step32(fresh(), batch, token_capacity=None)
+    s16, m16 = step16(fresh(), batch, token_capacity=None)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16.opt_state) if jnp.issubdtype(x.dtype, jnp.floating))
     np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=2e-2)
-    assert int(s16.step) == 1
+    assert int(s16.step) == 1 and bool(m16["applied"])
 
 
-def test_step_rng_is_a_function_of_seed_and_step():
+def test_step_rng_is_a_function_of_seed_and_step(setup):
     """Two fresh runs give bit-identical results (jitter included): resume can be exact."""
+    mesh, *_, step, fresh = setup
     outs = []
     for _ in range(2):
-        mesh, _, s, _, step = _setup()
+        s = fresh()
         for i in range(2):
             s, m = step(s, sharding.host_batch_to_global(toy.make_batch(i), mesh), token_capacity=None)
         outs.append((float(m["loss"]), _params(s)))
@@ -158,31 +175,31 @@ def test_step_rng_is_a_function_of_seed_and_step():
     jax.tree.map(np.testing.assert_array_equal, outs[0][1], outs[1][1])
 
 
-def test_overflow_reruns_same_step_at_larger_capacity():
-    mesh, _, state, _, step = _setup()
-    _, _, ref_state, _, ref_step = _setup()
+def test_overflow_reruns_same_step_at_larger_capacity(setup):
+    mesh, *_, step, fresh = setup
     batch = sharding.host_batch_to_global(toy.make_batch(0, units=7), mesh)
-    # Reference: a capacity that fits from the start.
-    ref_state, ref_m = ref_step(ref_state, batch, token_capacity=8)
+    # Reference: the capacity the retries will end at (9 fits 7 units) from the start.
+    ref_state, ref_m = step(fresh(), batch, token_capacity=9)
     # Capacity 4 overflows: the step must not be applied, and the retry reproduces the reference.
-    s1, m1 = step(state, batch, token_capacity=4)
+    s1, m1 = step(fresh(), batch, token_capacity=4)
     assert bool(m1["overflow"]) and not bool(m1["applied"]) and int(s1.step) == 0
     retries = []
     s2, m2, cap = train_lib.train_step_with_retry(step, s1, batch, 4, max_capacity=12, growth=1.5,
                                                   on_retry=lambda a, b: retries.append((a, b)))
     assert retries == [(4, 6), (6, 9)] and cap == 9
     assert int(s2.step) == 1 and not m2["overflow"]
-    np.testing.assert_allclose(float(m2["loss"]), float(ref_m["loss"]), rtol=0, atol=0)
+    assert float(m2["loss"]) == float(ref_m["loss"])
     jax.tree.map(np.testing.assert_array_equal, _params(s2), _params(ref_state))
     with pytest.raises(train_lib.CapacityError, match="full length"):
         train_lib.grow_capacity(12, 12)
 
 
-def test_non_finite_loss_is_not_applied_and_raises():
-    mesh, _, state, _, step = _setup()
+def test_non_finite_loss_is_not_applied_and_raises(setup):
+    mesh, *_, step, fresh = setup
+    state = fresh()
     before = _params(state)
     batch = toy.make_batch(0)
-    batch["poison"] = np.ones((8,), bool)
+    batch["poison"][:] = True
     state, m = step(state, sharding.host_batch_to_global(batch, mesh), token_capacity=None)
     m = jax.device_get(m)
     assert not m["finite"] and not m["applied"] and int(state.step) == 0

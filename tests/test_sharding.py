@@ -15,6 +15,8 @@ from jax.sharding import PartitionSpec as P
 from mxdna_jax import optim, sharding, train_lib
 import _toy_model as toy
 
+pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+
 # One train step on any mesh must match one device to this absolute tolerance (float32; the
 # differences come only from the order of cross-device reductions, measured ~5e-7).
 MESH_ATOL = 1e-5

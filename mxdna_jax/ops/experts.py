@@ -33,7 +33,9 @@ def layer_norm(x, scale, bias, eps):
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    lead = (1,) * (x.ndim - 1)
+    scale, bias = scale.astype(jnp.float32).reshape(lead + (-1,)), bias.astype(jnp.float32).reshape(lead + (-1,))
+    return (y * scale + bias).astype(x.dtype)
 
 
 def expert_nucleotide_rows(x_RD, tap_R, pre_DF, conv_KGIO):

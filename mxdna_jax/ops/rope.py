@@ -10,7 +10,7 @@ import jax.numpy as jnp
 def rope_tables(positions_BT, head_dim: int, theta: float = 10000.0):
     """cos/sin tables (B, T, H) in fp32 for integer positions (B, T)."""
     inv_freq_h = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h[None, None, :]
     angles_BTH = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)
     return jnp.cos(angles_BTH), jnp.sin(angles_BTH)
 

@@ -1,0 +1,440 @@
+"""Forward-pass benchmark of MxDNAForMaskedLM (throughput, NMS share, compile time, FLOPs).
+
+    python benchmarks/forward.py                      # base config, L = 512 1024 2048, both modes, fp32 + bf16
+    python benchmarks/forward.py --quick              # tiny config, one length: a < 1 min smoke test
+    python benchmarks/forward.py --lengths 1024 --modes compact --dtypes bfloat16 --repeats 3
+
+For each (L, mode, dtype): one batch of real human chr20 windows (no N), a freshly initialised
+model (seed 0), one jitted forward `model(input_ids, attention_mask, special_tokens_mask)` with
+the weights as an argument; compile time, then `--warmup` untimed and `--repeats` timed calls
+(median reported). Next to it, in the same process: `basic_unit_nms` jitted alone on the router
+logits of that forward, a `--peak-n`^3 matmul of the same dtype (the achievable peak), and with
+`--breakdown` the forward split into separately jitted stages. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (also puts the repo root on sys.path)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
+from mxdna_jax.ops.experts import conv_experts  # noqa: E402
+from mxdna_jax.ops.nms import basic_unit_nms, unit_layout  # noqa: E402
+from mxdna_jax.ops.rope import rope_tables  # noqa: E402
+from mxdna_jax.tokenization import compact_token_positions  # noqa: E402
+
+# The issue's reference: official PyTorch MxDNA, base config, batch 4 x 1,024 nt, fp32, CPU.
+REFERENCE = {"nt_per_s": 1525.0, "gflops_effective": 168.0, "nms_share": 0.002, "batch": 4, "length": 1024,
+             "dtype": "float32", "source": "official PyTorch implementation, as quoted in the issue"}
+AIMS = {"compact_float32_x_ref": 1.0, "bfloat16_x_ref": 3.0, "nms_share_max": 0.03}
+
+
+# ----------------------------------------------------------------------------- model plumbing
+
+
+class Bench:
+    """One set of random weights shared by every (mode, dtype) variant: params do not depend on them.
+
+    Weights use the model's own initialisers. The PRNG implementation is set to 'rbg' in main():
+    the default threefry truncated-normal costs one slow XLA CPU compile per parameter shape
+    (~30 s for the tiny model under load) and the benchmark does not care which random draw it gets.
+    """
+
+    def __init__(self, cfg, seed: int = 0):
+        t0 = time.perf_counter()
+        model = MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=seed))
+        _, self.state = nnx.split(model)
+        self.init_s = time.perf_counter() - t0
+        self.base_cfg = cfg
+        self.n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.state)))
+
+    def graphdef(self, cfg):
+        abstract = nnx.eval_shape(lambda: MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=0)))
+        gd, st = nnx.split(abstract)
+        if jax.tree.structure(st) != jax.tree.structure(self.state):
+            raise RuntimeError("parameter tree differs between variants")
+        return gd
+
+
+def forward_fn(graphdef, capacity):
+    def fwd(state, ids, am, sm):
+        out = nnx.merge(graphdef, state)(ids, am, sm, token_capacity=capacity)
+        bb = out.backbone
+        return {"logits": out.logits, "overflow": out.overflow, "token_mask": bb.token_mask,
+                "router_logits": bb.router_logits, "center": bb.center, "all": bb.all, "aux_loss": out.aux_loss}
+
+    return fwd
+
+
+def stage_fns(graphdef, cfg, capacity):
+    """The forward split into stages (mirrors MxDNAModel/LearntTokenization/MxDNAForMaskedLM.__call__).
+
+    nucleotide: embed + nucleotide layers; tokenization: the whole LearntTokenization (router, NMS,
+    experts, deformable conv, compaction); inside it, route = input LN + gate + NMS + unit layout,
+    experts = conv_experts, deform = deformable block (+ compaction); token_layers: token layers +
+    final LN; head: MLM cross decoder + LN + LM head.
+    """
+
+    def mlm(state):
+        return nnx.merge(graphdef, state)
+
+    def nucleotide(state, ids, am):
+        m = mlm(state).model
+        B, L = ids.shape
+        h = jnp.take(m.embed[...], ids, axis=0).astype(m.dtype)
+        rope = rope_tables(jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)), cfg.head_dim, cfg.rope_theta)
+        for layer in m.nucleotide_layers:
+            h = layer(h, rope, am)
+        return h
+
+    def tokenization(state, h, am, sm):
+        t = mlm(state).model.tokenization(h, am, sm, capacity=capacity)
+        return {"hidden": t.hidden, "positions": t.positions, "mask": t.mask}
+
+    def route(state, h, am, sm):
+        tk = mlm(state).model.tokenization
+        x = tk.input_norm(h)
+        gate_in = x.astype(jnp.float32) * (1 - sm)[..., None].astype(jnp.float32)
+        logits = jnp.dot(gate_in, tk.gate[...].astype(jnp.float32))
+        center, all_ = basic_unit_nms(logits, am, cfg.expert_kernel_sizes)
+        uc, tap = unit_layout(center, all_, cfg.expert_kernel_sizes)
+        return {"x": x, "logits": logits, "center": center, "all": all_, "unit_center": uc, "tap": tap}
+
+    def experts(state, r):
+        tk = mlm(state).model.tokenization
+        probs = jax.nn.softmax(r["logits"], axis=-1)
+        return conv_experts(r["x"], r["center"], r["all"], r["unit_center"], r["tap"], probs, tk.expert_params(),
+                            eps=cfg.expert_layer_norm_eps)
+
+    def deform(state, h, moe, center, am, sm):
+        tk = mlm(state).model.tokenization
+        u = h + moe.astype(h.dtype)
+        token_mask = ((sm + (center >= 0)) * am > 0).astype(jnp.int32)
+        if capacity is None:
+            return tk.deform(u, am, sm, token_mask)
+        pos, _, _ = compact_token_positions(token_mask, capacity)
+        return tk.deform(u, am, sm, token_mask, rows_BT=pos)
+
+    def token_layers(state, t, positions, mask):
+        m = mlm(state).model
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        for layer in m.token_layers:
+            t = layer(t, rope, mask)
+        return m.final_norm(t)
+
+    def head(state, h_nuc, tok_hidden, tok_pos, tok_mask, am):
+        mm = mlm(state)
+        B, L = am.shape
+        pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        rq = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+        rk = rope_tables(tok_pos, cfg.head_dim, cfg.rope_theta)
+        h = mm.decoder(h_nuc, rq, tok_hidden, rk, tok_mask, am)
+        return mm.lm_head(mm.norm(h))
+
+    return {"nucleotide": nucleotide, "tokenization": tokenization, "route": route, "experts": experts,
+            "deform": deform, "token_layers": token_layers, "head": head}
+
+
+def run_breakdown(fns, state, ids, am, sm, full_logits, *, warmup, repeats) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+
+    def timed(name, fn, *args):
+        compiled, ct = common.compile_jitted(fn, *args)
+        t = common.time_call(compiled, *args, warmup=warmup, repeats=repeats)
+        out = compiled(*args)
+        res[name] = {"median_s": t["median_s"], "min_s": t["min_s"], "times_s": t["times_s"], "compile": ct,
+                     "xla_cost": common.xla_cost(compiled)}
+        return out
+
+    h = timed("nucleotide", fns["nucleotide"], state, ids, am)
+    tok = timed("tokenization", fns["tokenization"], state, h, am, sm)
+    r = timed("route", fns["route"], state, h, am, sm)
+    moe = timed("experts", fns["experts"], state, r)
+    timed("deform", fns["deform"], state, h, moe, r["center"], am, sm)
+    t = timed("token_layers", fns["token_layers"], state, tok["hidden"], tok["positions"], tok["mask"])
+    logits = timed("head", fns["head"], state, h, t, tok["positions"], tok["mask"], am)
+    stages = ("nucleotide", "tokenization", "token_layers", "head")
+    res["sum_of_stages_s"] = sum(res[s]["median_s"] for s in stages)
+    res["stage_logits_max_abs_diff_vs_forward"] = float(jnp.max(jnp.abs(logits - full_logits)))
+    return res
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+
+def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
+    B = batch_np["input_ids"].shape[0]
+    ids, am, sm = (jnp.asarray(batch_np[k]) for k in ("input_ids", "attention_mask", "special_tokens_mask"))
+    gd = bench.graphdef(cfg)
+    state = bench.state
+    rec: dict[str, Any] = {"L": L, "batch": B, "mode": cfg.mode, "dtype": cfg.dtype,
+                           "loadavg_before": list(os.getloadavg())}
+    if cfg.mode == "compact":
+        capacity = (cfg.token_capacity(L) if args.capacity_fraction is None
+                    else min(L, max(3, math.ceil(L * args.capacity_fraction))))
+    else:
+        capacity = None
+    retries = []
+    while True:
+        compiled, ct = common.compile_jitted(forward_fn(gd, capacity), state, ids, am, sm)
+        first_t0 = time.perf_counter()
+        out = common.block(compiled(state, ids, am, sm))
+        first_s = time.perf_counter() - first_t0
+        if not bool(out["overflow"]):
+            break
+        # capacity exceeded for this batch: grow to the observed maximum rounded up to 64, retry
+        need = int(np.asarray(out["token_mask"]).sum(1).max()) if capacity is not None else L
+        new = min(L, max(capacity + 64, -(-int(need * 1.05) // 64) * 64))
+        retries.append({"capacity": capacity, "compile": ct})
+        log(f"    overflow at capacity {capacity}; retrying with {new}")
+        capacity = new
+    rec.update(capacity=capacity, capacity_retries=retries, compile=ct, first_call_s=first_s,
+               xla_cost=common.xla_cost(compiled))
+    stats = common.unit_stats(out["center"], out["all"], out["token_mask"], cfg)
+    if cfg.mode == "original":  # token rows are a mask over L rows: count the tokens
+        stats["tokens_per_seq"] = np.asarray(out["token_mask"]).sum(1).tolist()
+    rec["overflow"] = bool(out["overflow"])
+    rec["tokens"] = stats
+
+    # peak next to the measurement (CPU load from other processes moves both)
+    peak = common.matmul_peak(cfg.dtype, n=args.peak_n, repeats=args.peak_repeats)
+    rec["peak_adjacent"] = peak
+    t = common.time_call(compiled, state, ids, am, sm, warmup=args.warmup, repeats=args.repeats)
+    rec["forward"] = t
+    med = t["median_s"]
+    rec["nt_per_s"] = B * L / med
+    rec["real_nt_per_s"] = B * (L - 2) / med
+
+    # NMS alone on this forward's router logits
+    nms = jax.jit(lambda lg, m: basic_unit_nms(lg, m, cfg.expert_kernel_sizes, return_rounds=True))
+    lg = out["router_logits"]
+    t0 = time.perf_counter()
+    nms_c = nms.lower(lg, am).compile()
+    nms_compile = time.perf_counter() - t0
+    c2, a2, rounds = nms_c(lg, am)
+    same = bool(jnp.array_equal(c2, out["center"]) and jnp.array_equal(a2, out["all"]))
+    tn = common.time_call(nms_c, lg, am, warmup=args.warmup, repeats=max(args.repeats, 5))
+    rec["nms"] = {**tn, "compile_s": nms_compile, "rounds": int(rounds), "share_of_forward": tn["median_s"] / med,
+                  "matches_forward": same}
+
+    flops = common.analytic_flops(cfg, B, L, stats, mode=cfg.mode, capacity=capacity)
+    rec["flops"] = flops
+    mf, ef = flops["model"]["total"], flops["executed"]["total"]
+    rec["model_gflops_per_s"] = mf / med / 1e9
+    rec["executed_gflops_per_s"] = ef / med / 1e9
+    xf = rec["xla_cost"]["flops"]
+    rec["xla_gflops_per_s"] = xf / med / 1e9 if xf else None
+    rec["model_frac_of_peak"] = rec["model_gflops_per_s"] / peak["gflops"]
+    rec["executed_frac_of_peak"] = rec["executed_gflops_per_s"] / peak["gflops"]
+
+    if args.breakdown:
+        fns = stage_fns(gd, cfg, capacity)
+        rec["breakdown"] = run_breakdown(fns, state, ids, am, sm, out["logits"], warmup=1,
+                                         repeats=args.breakdown_repeats)
+    rec["loadavg_after"] = list(os.getloadavg())
+    return rec
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    runs = result["runs"]
+    lines = [
+        f"# MxDNA forward benchmark ({result['config_name']} config)",
+        "",
+        f"{m['date']} · jax {m['jax']} ({m['backend']}) · flax {m['flax']} · {m['cpu_count']} CPUs ({m['cpu_model']}) · "
+        f"load avg at start {m['loadavg_at_start'][0]:.2f}",
+        "",
+        f"Batch {result['args']['batch']} of real human chr20 windows (no N); L = sequence length incl. [CLS]/[SEP] "
+        f"(L - 2 nucleotides per window, no padding); **nt/s counts all B x L positions**. Fresh random weights "
+        f"(seed {result['args']['seed']}), {result['n_params'] / 1e6:.1f}M parameters. Forward = median of "
+        f"{result['args']['repeats']} calls after {result['args']['warmup']} warm-up. Peak = {result['args']['peak_n']}^3 "
+        f"matmul of the same dtype timed right before that row (the best of fp32-accumulate and same-dtype output). "
+        f"Model GFLOP = useful work at the measured token count; executed = what this implementation computes "
+        f"(token rows at L in original, at the capacity in compact; expert tiles of 128 rows and all k taps).",
+        "",
+    ]
+    headers = ["L", "mode", "dtype", "capacity", "tokens/seq", "unit len", "compile s", "forward s", "nt/s",
+               "x ref", "model MFLOP/nt", "exec MFLOP/nt", "XLA MFLOP/nt", "model GFLOP/s", "peak GFLOP/s",
+               "% peak (model)", "% peak (exec)", "NMS ms", "NMS %", "NMS rounds"]
+    rows = []
+    for r in runs:
+        if "error" in r:
+            rows.append([r["L"], r["mode"], r["dtype"]] + ["error"] + ["-"] * (len(headers) - 4))
+            continue
+        nt = r["batch"] * r["L"]
+        xf = r["xla_cost"]["flops"]
+        rows.append([
+            r["L"], r["mode"], r["dtype"], r["capacity"] if r["capacity"] is not None else "L",
+            common.fmt(r["tokens"]["mean_tokens_per_seq"]), common.fmt(r["tokens"]["mean_unit_length"]),
+            common.fmt(r["compile"]["total_s"]), common.fmt(r["forward"]["median_s"]), common.fmt(r["nt_per_s"]),
+            common.fmt(r["nt_per_s"] / REFERENCE["nt_per_s"]),
+            common.fmt(r["flops"]["model"]["total"] / nt / 1e6), common.fmt(r["flops"]["executed"]["total"] / nt / 1e6),
+            common.fmt(xf / nt / 1e6) if xf else "-",
+            common.fmt(r["model_gflops_per_s"]), common.fmt(r["peak_adjacent"]["gflops"]),
+            f"{100 * r['model_frac_of_peak']:.0f}%", f"{100 * r['executed_frac_of_peak']:.0f}%",
+            common.fmt(1e3 * r["nms"]["median_s"]), f"{100 * r['nms']['share_of_forward']:.2f}%", r["nms"]["rounds"],
+        ])
+    lines.append(common.md_table(headers, rows, "rrll" + "r" * (len(headers) - 4)))
+    lines.append("")
+    ref = REFERENCE
+    lines.append(f"Reference (issue): official PyTorch, base config, batch {ref['batch']} x {ref['length']}, fp32: "
+                 f"{ref['nt_per_s']:,.0f} nt/s, ~{ref['gflops_effective']:.0f} GFLOP/s effective, NMS "
+                 f"{100 * ref['nms_share']:.1f}% of the forward. Aims: compact fp32 >= 1x, bf16 >= 3x, NMS < 3%.")
+    lines.append("")
+    peaks = result.get("peaks", {})
+    if peaks:
+        lines.append("Matmul peaks (GFLOP/s, start / end of run): " + ", ".join(
+            f"{dt} {p['start']['gflops']:.0f} / {p['end']['gflops']:.0f}" if p.get("end") else f"{dt} {p['start']['gflops']:.0f}"
+            for dt, p in peaks.items()))
+        lines.append("")
+
+    bd_runs = [r for r in runs if "breakdown" in r]
+    if bd_runs:
+        lines += ["## Where the time goes (stages jitted separately, median seconds; share of their sum)", ""]
+        st = ["nucleotide", "tokenization", "token_layers", "head"]
+        sub = ["route", "experts", "deform"]
+        h2 = (["L", "mode", "dtype", "forward s", "sum of stages s"] + st + ["(route+NMS)", "(experts)", "(deform)",
+              "NMS alone"])
+        rows = []
+        for r in bd_runs:
+            bd = r["breakdown"]
+            tot = bd["sum_of_stages_s"]
+            cell = lambda s: f"{bd[s]['median_s']:.3f} ({100 * bd[s]['median_s'] / tot:.0f}%)"  # noqa: E731
+            rows.append([r["L"], r["mode"], r["dtype"], f"{r['forward']['median_s']:.3f}", f"{tot:.3f}"]
+                        + [cell(s) for s in st] + [cell(s) for s in sub] + [f"{r['nms']['median_s']:.3f}"])
+        lines.append(common.md_table(h2, rows, "rll" + "r" * (len(h2) - 3)))
+        lines.append("")
+        lines.append("Analytic model FLOPs by stage (MFLOP per position, useful work / executed):")
+        lines.append("")
+        parts = ["nucleotide_layers", "router", "experts", "deformable", "token_layers", "mlm_decoder", "lm_head"]
+        rows = []
+        for r in bd_runs:
+            nt = r["batch"] * r["L"]
+            rows.append([r["L"], r["mode"], r["dtype"]] + [
+                f"{r['flops']['model'][p] / nt / 1e6:.2f} / {r['flops']['executed'][p] / nt / 1e6:.2f}" for p in parts])
+        lines.append(common.md_table(["L", "mode", "dtype"] + parts, rows, "rll" + "r" * len(parts)))
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048],
+                   help="sequence lengths incl. [CLS]/[SEP]")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--modes", nargs="+", default=["original", "compact"], choices=["original", "compact"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--config", default="base", choices=["base", "tiny"])
+    p.add_argument("--capacity-fraction", type=float, default=None,
+                   help="compact capacity / L (default: the config's token_capacity_fraction)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the forward's stages jitted separately")
+    p.add_argument("--breakdown-repeats", type=int, default=3)
+    p.add_argument("--peak-n", type=int, default=4096)
+    p.add_argument("--peak-repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="weights and window sampling")
+    p.add_argument("--prng", default="rbg", help="jax_default_prng_impl for the weight init (threefry2x32: slow init)")
+    p.add_argument("--fasta", default=common.DEFAULT_FASTA)
+    p.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default=None, help="output file stem (default: forward, or forward_quick)")
+    p.add_argument("--quick", action="store_true", help="smoke test (< 1 min): tiny config, L=256, fp32 only, no breakdown, 3 repeats, 1024^3 peak "
+                        "(explicit --dtypes / --breakdown still apply)")
+    a = p.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    dtypes_given = "--dtypes" in raw
+    breakdown_given = any(x in raw for x in ("--breakdown", "--no-breakdown"))
+    if a.quick:
+        a.config, a.lengths, a.repeats, a.peak_n, a.peak_repeats = "tiny", [256], 3, 1024, 2
+        a.dtypes = a.dtypes if dtypes_given else ["float32"]
+        a.breakdown = a.breakdown if breakdown_given else False
+    a.name = a.name or ("forward_quick" if a.quick else "forward")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    jax.config.update("jax_default_prng_impl", args.prng)
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    base_cfg = common.model_config(args.config)
+    for L in args.lengths:
+        if L > base_cfg.max_position_embeddings:
+            raise SystemExit(f"L={L} exceeds max_position_embeddings={base_cfg.max_position_embeddings}")
+    result: dict[str, Any] = {"machine": common.machine_info(), "config_name": args.config,
+                              "model_config": {k: v for k, v in vars(base_cfg).items()}, "args": vars(args),
+                              "reference": REFERENCE, "aims": AIMS, "runs": [], "peaks": {}}
+    out_dir = pathlib.Path(args.out)
+    log(f"jax {jax.__version__} on {jax.devices()}; building {args.config} model")
+    bench = Bench(base_cfg, seed=args.seed)
+    result["n_params"], result["init_s"] = bench.n_params, bench.init_s
+    log(f"init {bench.init_s:.1f}s, {bench.n_params / 1e6:.1f}M params")
+    for dt in args.dtypes:
+        result["peaks"][dt] = {"start": common.matmul_peak(dt, n=args.peak_n, repeats=args.peak_repeats)}
+        log(f"matmul peak {dt}: {result['peaks'][dt]['start']['gflops']:.1f} GFLOP/s")
+
+    def save():
+        common.write_json(out_dir / f"{args.name}.json", result)
+        (out_dir / f"{args.name}.md").write_text(render_markdown(result))
+
+    for L in args.lengths:
+        batch_np, data_info = common.real_windows(L, args.batch, seed=args.seed, fasta=args.fasta)
+        result.setdefault("data", {})[str(L)] = data_info
+        for mode in args.modes:
+            for dt in args.dtypes:
+                cfg = base_cfg.replace(mode=mode, dtype=dt)
+                log(f"L={L} {mode} {dt}")
+                try:
+                    rec = bench_one(bench, cfg, L, batch_np, args, log)
+                except Exception as e:  # keep the other rows
+                    import traceback
+
+                    traceback.print_exc()
+                    rec = {"L": L, "mode": mode, "dtype": dt, "error": repr(e)}
+                result["runs"].append(rec)
+                if "error" not in rec:
+                    bd = rec.get("breakdown")
+                    log(f"    compile {rec['compile']['total_s']:.1f}s  forward {rec['forward']['median_s']:.3f}s "
+                        f"({rec['nt_per_s']:.0f} nt/s, {rec['nt_per_s'] / REFERENCE['nt_per_s']:.2f}x ref)  "
+                        f"model {rec['model_gflops_per_s']:.1f} GFLOP/s = {100 * rec['model_frac_of_peak']:.0f}% of "
+                        f"{rec['peak_adjacent']['gflops']:.0f}  tokens/seq {rec['tokens']['mean_tokens_per_seq']:.0f} "
+                        f"(cap {rec['capacity']})  NMS {1e3 * rec['nms']['median_s']:.1f}ms "
+                        f"= {100 * rec['nms']['share_of_forward']:.2f}%"
+                        + (f"  stages: " + ", ".join(f"{s} {bd[s]['median_s']:.3f}" for s in
+                                                     ("nucleotide", "tokenization", "route", "experts", "deform",
+                                                      "token_layers", "head")) if bd else ""))
+                save()
+    for dt in args.dtypes:
+        result["peaks"][dt]["end"] = common.matmul_peak(dt, n=args.peak_n, repeats=args.peak_repeats)
+    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    result["wall_s"] = time.perf_counter() - t_start
+    save()
+    log(f"done in {result['wall_s']:.0f}s -> {out_dir / (args.name + '.json')}, {args.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
