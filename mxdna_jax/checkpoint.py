@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -58,9 +59,12 @@ class DataStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None):
         f = self._file(directory)
         if not f.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            raise FileNotFoundError(f"no data-iterator state {f.name} (saved with another process count? "
-                                    f"found {found})")
+            # Not corruption: typically a different process count than at save time. The params are
+            # still good; the data position cannot be mapped and restarts.
+            found = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+            log.warning("no data-iterator state %s in %s (found %s; saved with another process count?): "
+                        "the data iterator restarts from its beginning", f.name, directory, found)
+            return None
         state = json.loads(f.read_text())
         if isinstance(state, dict) and set(state) == {_BYTES_KEY}:
             state = base64.b64decode(state[_BYTES_KEY])
@@ -232,26 +236,31 @@ class CheckpointManager:
         on the metadata before any array is read, and what it raises (e.g. a config mismatch,
         which no older step would fix) propagates unchanged."""
         step_dir = self.step_dir(step)
-        problems = check_step_dir(step_dir, checksums=self.checksums)
-        if problems:
-            raise CorruptCheckpointError(step, step_dir, problems)
         _check_names(abstract_arrays)
+        # Every phase ends with all processes agreeing, so they never diverge on which step they
+        # restore. The file checks (hashing everything) run on process 0 only.
+        problems = check_step_dir(step_dir, checksums=self.checksums) if jax.process_index() == 0 else []
+        _agree(step, step_dir, problems)
+        problems, meta = [], {}
         try:
             meta = dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            if int(meta.get("step", step)) != step:
+                problems = [f"metadata says step {meta['step']}"]
         except Exception as e:
-            raise CorruptCheckpointError(step, step_dir, [f"metadata: {type(e).__name__}: {e}"]) from e
-        if int(meta.get("step", step)) != step:
-            raise CorruptCheckpointError(step, step_dir, [f"metadata says step {meta['step']}"])
+            problems = [f"metadata: {type(e).__name__}: {e}"]
+        _agree(step, step_dir, problems)
         if validate_meta is not None:
             validate_meta(meta)
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract_arrays.items()}
         has_data = (step_dir / "data").exists()
         if has_data:
             items["data"] = DataStateRestore()
+        out, problems = None, []
         try:
             out = self._mgr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            raise CorruptCheckpointError(step, step_dir, [f"{type(e).__name__}: {e}"]) from e
+            problems = [f"{type(e).__name__}: {e}"]
+        _agree(step, step_dir, problems)
         return Restored(step=step, arrays={k: out[k] for k in abstract_arrays}, meta=meta,
                         data_state=out["data"] if has_data else None)
 
@@ -279,6 +288,18 @@ class CheckpointManager:
             raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} is usable; "
                                "see the errors above. Move them aside to start from scratch.")
         return None
+
+
+def _agree(step: int, step_dir, problems: list[str]) -> None:
+    """Raise CorruptCheckpointError on every process if any process found a problem."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        bad = multihost_utils.process_allgather(np.asarray(bool(problems)))
+        if np.any(bad) and not problems:
+            problems = [f"process(es) {np.flatnonzero(bad).tolist()} failed to read it (see their logs)"]
+    if problems:
+        raise CorruptCheckpointError(step, step_dir, problems)
 
 
 def _check_names(arrays: Mapping[str, Any]) -> None:

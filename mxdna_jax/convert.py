@@ -149,7 +149,7 @@ def load_into(model, state_dict: Mapping[str, np.ndarray], *, strict: bool = Tru
     """
     rules = rules_for(model) if rules is None else rules
     params = nnx.state(model, nnx.Param)
-    flat = dict(params.flat_state())
+    flat = dict(nnx.to_flat_state(params))
     missing = [name for name, *_ in rules if name not in state_dict]
     if missing:
         raise KeyError(f"{len(missing)} official tensors missing, e.g. {missing[:5]}")
@@ -181,7 +181,7 @@ def _assign(flat, path, value, name):
 
 def export_state_dict(model) -> dict[str, np.ndarray]:
     """Our params -> official names and layouts (float32 numpy)."""
-    flat = dict(nnx.state(model, nnx.Param).flat_state())
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out = {}
     for name, path, _, to_official in rules_for(model):
         if path in flat:

@@ -330,7 +330,7 @@ class _Window:
 
 
 def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[[], nnx.Module],
-                 train_iter_factory: Callable[[int, int], Iterator],
+                 train_iter_factory: Callable[[int, int, int, Any], Iterator],
                  eval_iter_factory: Callable[[int, int], Iterable] | None = None,
                  token_capacity: int | None = None, max_token_capacity: int | None = None,
                  mesh=None) -> tuple[Any, TrainState]:
@@ -338,9 +338,11 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
 
     - `model_ctor()` builds the model (called abstractly and inside jit; never materialised whole
       on one device).
-    - `train_iter_factory(shard_index, num_shards)` returns this process's iterator over host
-      batches (dicts of numpy arrays holding global_batch / num_shards rows). Optional
-      `get_state()`/`set_state()` make the data position part of the checkpoint.
+    - `train_iter_factory(shard_index, num_shards, start_step, data_state)` returns this
+      process's iterator over host batches (dicts of numpy arrays with global_batch / num_shards
+      rows), positioned for step `start_step`: either from the step (step-indexed pipelines) or
+      by `set_state(data_state)` (data_state is what the iterator's `get_state()` returned when
+      the checkpoint was written, None on a fresh start or when the checkpoint has none).
     - `eval_iter_factory(shard_index, num_shards)` returns a fresh iterable of eval batches;
       `config.train.eval_batches` of them are used every `eval_every` steps.
     - `token_capacity` (compact mode) grows x`capacity_growth` on overflow up to
@@ -360,7 +362,6 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
                                         async_save=bool(ck.async_save), checksums=bool(ck.get("checksums", True)))
     global_batch = int(config.data.batch_size)
     shard_index, num_shards = sharding.process_batch_slice(mesh, global_batch)
-    train_iter = train_iter_factory(shard_index, num_shards)
     to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh, global_batch_size=global_batch)
 
     def arrays_of(tree: TrainState):
@@ -389,12 +390,8 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
                            rest=restored.arrays.get("rest", abstract.rest))
         if restored.meta.get("token_capacity") is not None and token_capacity is not None:
             token_capacity = max(token_capacity, int(restored.meta["token_capacity"]))
-        if restored.data_state is not None and hasattr(train_iter, "set_state"):
-            train_iter.set_state(restored.data_state)
-        elif hasattr(train_iter, "set_state"):
-            log.warning("checkpoint step %d has no data-iterator state: the data restarts from the beginning",
-                        restored.step)
     start = int(jax.device_get(state.step))
+    train_iter = train_iter_factory(shard_index, num_shards, start, restored.data_state if restored else None)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:

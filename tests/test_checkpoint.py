@@ -192,9 +192,14 @@ def loop_config(**train):
 
 
 def run(workdir, config, mesh=None, **it_kw):
-    def train_iter(shard_index, num_shards):
-        return toy.ToyIterator(seed=1, batch=8, shard_index=shard_index, num_shards=num_shards,
-                               units={1: 6}, **it_kw)
+    def train_iter(shard_index, num_shards, start_step, data_state):
+        it = toy.ToyIterator(seed=1, batch=8, shard_index=shard_index, num_shards=num_shards,
+                             units={1: 6}, **it_kw)
+        assert (data_state is None) == (start_step == 0)
+        if data_state is not None:
+            assert data_state["pos"] == start_step
+            it.set_state(data_state)
+        return it
 
     def eval_iter(shard_index, num_shards):
         return toy.ToyIterator(seed=99, batch=8, shard_index=shard_index, num_shards=num_shards)
