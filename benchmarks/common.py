@@ -182,6 +182,46 @@ def matmul_peak(dtype: str, n: int = 4096, repeats: int = 3, warmup: int = 1) ->
     return out
 
 
+class PeakProbe:
+    """One n x n @ n x n matmul in `dtype` with fp32 accumulation (the model's Dense form), timed on demand.
+
+    `interleaved` alternates it with the function being benchmarked, so that load from other
+    processes (this 2-core machine is shared) hits both sides of the ratio alike.
+    """
+
+    def __init__(self, dtype: str, n: int = 4096):
+        dt = _DTYPES[dtype]
+        ka, kb = jax.random.split(jax.random.key(1))
+        self.a = jax.random.normal(ka, (n, n), jnp.float32).astype(dt)
+        self.b = jax.random.normal(kb, (n, n), jnp.float32).astype(dt)
+        self.fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        self.flops = 2.0 * n**3
+        self.n = n
+        block(self.fn(self.a, self.b))
+
+    def gflops_once(self) -> float:
+        t0 = time.perf_counter()
+        block(self.fn(self.a, self.b))
+        return self.flops / (time.perf_counter() - t0) / 1e9
+
+
+def time_interleaved(fn: Callable, args: Sequence, probe: PeakProbe, *, warmup: int = 1,
+                     repeats: int = 5) -> tuple[dict[str, Any], list[float]]:
+    """Like time_call, but each timed call of fn is followed by one probe matmul.
+
+    Returns (summary of fn's times, the probe's GFLOP/s after each call).
+    """
+    for _ in range(warmup):
+        block(fn(*args))
+    times, peaks = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        block(fn(*args))
+        times.append(time.perf_counter() - t0)
+        peaks.append(probe.gflops_once())
+    return summarize(times), peaks
+
+
 # ----------------------------------------------------------------------------- real data
 
 

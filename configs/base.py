@@ -13,6 +13,7 @@ import dataclasses
 import ml_collections
 
 from mxdna_jax.config import ModelConfig
+from mxdna_jax.data.pipeline import PretrainDataConfig
 
 
 def model_section(**overrides) -> ml_collections.ConfigDict:
@@ -22,22 +23,29 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(d)
 
 
+def data_section(**overrides) -> ml_collections.ConfigDict:
+    """The data section: exactly the fields of PretrainDataConfig.
+
+    `fasta` is one string here ('' = the embedded default corpus; several files comma-separated)
+    because tuples cannot be overridden from the command line.
+    """
+    d = dataclasses.asdict(PretrainDataConfig(**{k: v for k, v in overrides.items() if k != "fasta"}))
+    d["fasta"] = overrides.get("fasta", "")
+    d["cache_dir"] = d["cache_dir"] or ""
+    return ml_collections.ConfigDict(d)
+
+
 def build(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The unlocked base config around a `model` section (tiny.py edits it before locking)."""
     c = ml_collections.ConfigDict()
     c.model = model
 
-    c.data = ml_collections.ConfigDict(dict(
-        fasta="",                     # '' = the embedded default corpus
+    c.data = data_section(
         window=510,                   # nucleotides per example; +[CLS]/[SEP] = 512 positions
-        batch_size=256,               # global, across all processes
+        global_batch_size=256,        # across all processes
         num_workers=8,
-        reverse_complement_prob=0.5,
-        max_n_fraction=0.1,           # windows with more N than this are skipped
-        mask_prob=0.15,
         val_fraction=0.01,
-        seed=0,
-    ))
+    )
 
     c.train = ml_collections.ConfigDict(dict(
         steps=100_000,

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -114,7 +115,8 @@ def _digest(path: epath.Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(step_dir: epath.Path) -> None:
+def write_manifest(step_dir: epath.PathLike) -> None:
+    step_dir = epath.Path(step_dir)
     entries = {str(p.relative_to(step_dir)): {"size": p.stat().length, "sha256": _digest(p)}
                for p in _files(step_dir)}
     tmp = step_dir / (MANIFEST + ".tmp")
@@ -122,8 +124,9 @@ def write_manifest(step_dir: epath.Path) -> None:
     tmp.rename(step_dir / MANIFEST)
 
 
-def check_step_dir(step_dir: epath.Path, *, checksums: bool = True) -> list[str]:
+def check_step_dir(step_dir: epath.PathLike, *, checksums: bool = True) -> list[str]:
     """Problems found in a finalised step directory (empty list = looks intact)."""
+    step_dir = epath.Path(step_dir)
     if not step_dir.exists():
         return [f"{step_dir} does not exist"]
     problems = []
@@ -169,7 +172,8 @@ class CheckpointManager:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True))
         self._unusable: list[int] = []  # steps rejected by restore_latest, newer than the restored one
-        self._pending_manifest: int | None = None
+        self._manifest_thread: threading.Thread | None = None
+        self._saved = threading.Event()  # set once orbax reports the pending save finished
 
     # -- saving
 
@@ -185,7 +189,13 @@ class CheckpointManager:
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
         self._mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
-        self._pending_manifest = int(step)
+        if self.checksums and jax.process_index() == 0:
+            # Hash the files as soon as orbax commits them, not at the next save: a crash in
+            # between would otherwise leave the newest checkpoint unverifiable.
+            self._saved.clear()
+            self._manifest_thread = threading.Thread(target=self._manifest_when_committed, args=(int(step),),
+                                                     name=f"mxdna-manifest-{step}", daemon=True)
+            self._manifest_thread.start()
 
     def wait_until_finished(self) -> None:
         self._finish_pending()
@@ -198,12 +208,25 @@ class CheckpointManager:
         return self._mgr.reached_preemption(step)
 
     def _finish_pending(self) -> None:
-        self._mgr.wait_until_finished()
-        step, self._pending_manifest = self._pending_manifest, None
-        if step is not None and self.checksums and jax.process_index() == 0:
-            step_dir = self.step_dir(step)
-            if step_dir.exists():  # max_to_keep may already have removed it
-                write_manifest(step_dir)
+        try:
+            self._mgr.wait_until_finished()
+        finally:
+            self._saved.set()
+            if self._manifest_thread is not None:
+                self._manifest_thread.join()
+                self._manifest_thread = None
+
+    def _manifest_when_committed(self, step: int) -> None:
+        step_dir = self.step_dir(step)
+        marker = step_dir / COMMIT_MARKER
+        while not marker.exists():
+            if self._saved.wait(0.5) and not marker.exists():
+                log.error("checkpoint step %d did not commit; no manifest written", step)
+                return
+        try:
+            write_manifest(step_dir)
+        except Exception as e:  # the checkpoint itself is fine, only unverifiable
+            log.error("could not write the manifest of checkpoint step %d: %s: %s", step, type(e).__name__, e)
 
     def _quarantine_unusable(self) -> None:
         if not self._unusable:
@@ -311,5 +334,7 @@ def _check_names(arrays: Mapping[str, Any]) -> None:
 class CorruptCheckpointError(RuntimeError):
     def __init__(self, step: int, path: epath.Path, problems: list[str]):
         self.step, self.path, self.problems = step, path, problems
-        shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+        # tensorstore errors embed whole JSON specs: keep the head of each.
+        shown = [p if len(p) <= 400 else p[:400] + " ..." for p in problems[:5]]
+        shown += [f"... and {len(problems) - 5} more"] if len(problems) > 5 else []
         super().__init__(f"checkpoint step {step} at {path} is unusable: " + "; ".join(shown))

@@ -64,8 +64,8 @@ class MetricsLogger:
             post = {}
             if "loss" in row and isinstance(row["loss"], (int, float)):
                 post["loss"] = f"{row['loss']:.4f}"
-            if "tokens_per_sec" in row and isinstance(row["tokens_per_sec"], (int, float)):
-                post["nt/s"] = f"{row['tokens_per_sec']:.3g}"
+            if "nt_per_s" in row and isinstance(row["nt_per_s"], (int, float)):
+                post["nt/s"] = f"{row['nt_per_s']:.3g}"
             self._bar.set_postfix(post, refresh=False)
 
     def event(self, step: int, name: str, **fields: Any) -> None:

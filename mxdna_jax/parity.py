@@ -15,11 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from mxdna_jax import convert
 from mxdna_jax.config import ModelConfig
+from mxdna_jax.objectives.mlm import masked_cross_entropy
 from mxdna_jax.model import MxDNAForMaskedLM, MxDNAForSequenceClassification, extract_tokens, flatten_tokens
 from mxdna_jax.tokenization import router_z_loss_official
 
@@ -68,9 +68,7 @@ def build_models(fx, cfg: ModelConfig):
 
 
 def mlm_ce(logits_BLV, labels_BL):
-    valid = labels_BL != -100
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, jnp.where(valid, labels_BL, 0))
-    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(valid.sum(), 1)
+    return masked_cross_entropy(logits_BLV, labels_BL)[0]
 
 
 def run_fixture(fx, cfg: ModelConfig, *, jit: bool = True) -> dict[str, np.ndarray]:

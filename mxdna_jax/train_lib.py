@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -39,6 +38,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mxdna_jax import capacity as capacity_lib
 from mxdna_jax import checkpoint, metrics_log, optim, sharding
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,11 @@ def make_eval_step(loss_fn: LossFn, graphdef, shardings: TrainState, mesh, *,
 
 
 def grow_capacity(capacity: int, max_capacity: int, growth: float = 1.5) -> int:
-    if capacity >= max_capacity:
-        raise CapacityError(f"token capacity overflow at the full length {max_capacity}: the loss "
-                            "function reports overflow where none is possible")
-    return min(max_capacity, max(capacity + 1, math.ceil(capacity * growth)))
+    """The next capacity after an overflow (`capacity.grow`'s rule); raises at the full length."""
+    if max_capacity is None or capacity >= max_capacity:
+        raise CapacityError(f"token capacity overflow at capacity {capacity} with max_capacity={max_capacity} "
+                            "(the full length): the loss function reports overflow where none is possible")
+    return capacity_lib.grow(capacity, max_capacity, growth)
 
 
 def check_step(step: int, m: Mapping[str, Any]) -> None:
@@ -314,6 +315,7 @@ class _Window:
 
     def reset(self):
         self.sums, self.steps, self.tokens, self.retries, self.t0 = {}, 0, 0, 0, time.perf_counter()
+        self.excluded = 0.0  # eval / checkpoint time inside the window, not training throughput
 
     def add(self, m, tokens):
         for k, v in m.items():
@@ -323,9 +325,9 @@ class _Window:
         self.tokens += tokens
 
     def summary(self):
-        dt = time.perf_counter() - self.t0
+        dt = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-        out.update(steps_per_sec=self.steps / dt, tokens_per_sec=self.tokens / dt, overflow_retries=self.retries)
+        out.update(steps_per_sec=self.steps / dt, nt_per_s=self.tokens / dt, overflow_retries=self.retries)
         return out
 
 
@@ -360,7 +362,7 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
     ck = config.checkpoint
     ckpt = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"), keep=int(ck.keep),
                                         async_save=bool(ck.async_save), checksums=bool(ck.get("checksums", True)))
-    global_batch = int(config.data.batch_size)
+    global_batch = int(config.data.global_batch_size)
     shard_index, num_shards = sharding.process_batch_slice(mesh, global_batch)
     to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh, global_batch_size=global_batch)
 
@@ -419,7 +421,7 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
         m, token_capacity = evaluate(eval_step, state, batches, token_capacity, max_capacity=max_token_capacity,
                                      growth=growth, to_global=to_global,
                                      on_retry=lambda a, b: logger.event(step, "eval_capacity_grown", old=a, new=b))
-        logger.log(step, m, kind="eval")
+        logger.log(step, {f"val_{k}": v for k, v in m.items()}, kind="eval")
 
     every, log_every, eval_every = int(ck.every_steps), int(tc.log_every), int(tc.eval_every)
     window = _Window()
@@ -435,6 +437,7 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
 
             def on_retry(old, new, step=step):
                 window.retries += 1
+                log.warning("step %d: token capacity %d overflowed; re-running the step at %d", step + 1, old, new)
                 logger.event(step + 1, "capacity_grown", old=old, new=new)
 
             state, m, token_capacity = train_step_with_retry(
@@ -452,6 +455,7 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
             if step % log_every == 0 and window.steps:
                 logger.log(step, dict(window.summary(), token_capacity=token_capacity))
                 window.reset()
+            t_side = time.perf_counter()
             if eval_every > 0 and (step % eval_every == 0 or step == tc.steps):
                 run_eval(step)
             if saving:
@@ -460,7 +464,9 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
                 save(step, data_state)
                 logger.event(step, "preempted")
                 break
+            window.excluded += time.perf_counter() - t_side
     except NonFiniteLossError as e:
+        log.error("%s", e)
         logger.event(step + 1, "non_finite_loss", message=str(e))
         raise
     finally:

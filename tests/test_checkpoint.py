@@ -71,6 +71,22 @@ def test_round_trip_is_exact(tmp_path, trained, data_state):
     mgr.close()
 
 
+def test_manifest_is_written_once_committed(tmp_path, trained):
+    """No need to wait for the next save: a crash right after a commit still leaves a verifiable step."""
+    import time
+
+    _, _, state, _, _ = trained
+    mgr = checkpoint.CheckpointManager(tmp_path, keep=2, async_save=True)
+    mgr.save(3, arrays(state), meta={})
+    deadline = time.time() + 60
+    while not (tmp_path / "3" / checkpoint.MANIFEST).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    manifest = json.loads((tmp_path / "3" / checkpoint.MANIFEST).read_text())["files"]
+    assert "commit_success.txt" in manifest and any(k.startswith("params/") for k in manifest)
+    assert checkpoint.check_step_dir(tmp_path / "3") == []
+    mgr.close()
+
+
 def test_restore_onto_a_different_mesh(tmp_path, trained):
     """Saved on (data=8), restored onto (data=4, model=2): same values, new shardings, and the
     restored state trains on the new mesh."""
@@ -223,6 +239,7 @@ def test_run_training_resume_is_exact_and_nan_stops(tmp_path):
     assert any(e["event"] == "capacity_grown" and (e["old"], e["new"]) == (4, 6) for e in events)
     assert [r["step"] for r in read_jsonl(tmp_path / "a") if r["kind"] == "eval"] == [3, 6]
     assert int(ref.step) == 6
+    assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
 
     # Crash while reading batch 4 (during step 4): step 3 is checkpointed; resume from it.

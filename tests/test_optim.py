@@ -22,7 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CFG = dict(lr=1e-2, warmup_steps=2, steps=10, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.98,
                  grad_clip=1.0)
 # 2 micro-batches of 8 rows vs one batch of 16 (rows have different mask counts): float32 sums
-# in a different order, measured max |diff| ~1e-7 on params after one update.
+# in a different order; measured max |diff| 0 on the loss, 2.4e-7 on the grad norm, 7.5e-8 on
+# the params after one update (4 micro-batches: 1.2e-7).
 ACCUM_ATOL = 1e-6
 
 

@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,8 +16,9 @@ import _toy_model as toy
 
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
-# One train step on any mesh must match one device to this absolute tolerance (float32; the
-# differences come only from the order of cross-device reductions, measured ~5e-7).
+# Two train steps on any mesh must match one device to this absolute tolerance (float32; the
+# differences come only from the order of cross-device reductions: measured max 4.8e-7 on the
+# loss and 7.5e-7 on the params).
 MESH_ATOL = 1e-5
 
 TRAIN_CFG = dict(lr=1e-2, warmup_steps=2, steps=10, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.98,

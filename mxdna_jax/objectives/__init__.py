@@ -1,0 +1,1 @@
+"""Pretraining objectives: masked LM (MxDNA)."""

@@ -1,0 +1,92 @@
+"""MLM pretraining glue: config sections -> model, data and `train_lib.run_training`.
+
+train.py is the command line; this module is importable so tests and notebooks can run the same
+thing in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+from flax import nnx
+
+from mxdna_jax.config import ModelConfig
+from mxdna_jax.data.pipeline import PretrainData, PretrainDataConfig
+from mxdna_jax.model import MxDNAForMaskedLM
+from mxdna_jax.objectives.mlm import mlm_loss_fn
+
+
+class UserError(ValueError):
+    """A problem with the inputs (config, data, workdir) reported without a traceback."""
+
+
+def data_config(section) -> PretrainDataConfig:
+    d = dict(section)
+    fasta = d.pop("fasta", "") or ""
+    d["fasta"] = tuple(p.strip() for p in str(fasta).split(",") if p.strip())
+    d["cache_dir"] = d.get("cache_dir") or None
+    names = {f.name for f in dataclasses.fields(PretrainDataConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown data config field(s): {unknown}")
+    return PretrainDataConfig(**d)
+
+
+def model_config(config) -> ModelConfig:
+    m = dict(config.model)
+    compute = str(config.train.get("compute_dtype", "float32"))
+    if compute != "float32":
+        m["dtype"] = compute  # the layers compute in this dtype; params stay float32
+    try:
+        return ModelConfig.from_dict(m)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def check_paths(dc: PretrainDataConfig):
+    for p in dc.fasta:
+        if not os.path.exists(p):
+            raise UserError(f"FASTA file not found: {p}")
+
+
+def run(config, workdir: str, *, resume: bool = True, mesh=None):
+    from mxdna_jax import train_lib
+
+    mc = model_config(config)
+    dc = data_config(config.data)
+    check_paths(dc)
+    L = dc.seq_length
+    if L > mc.max_position_embeddings:
+        raise UserError(f"data.window={dc.window} gives {L} positions with [CLS]/[SEP], more than "
+                        f"model.max_position_embeddings={mc.max_position_embeddings}")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise UserError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
+                        f"use a new --workdir (nothing is overwritten)")
+    try:
+        PretrainData(dc)  # opens (and caches) the corpus and validates it before any compile
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    def train_iter(shard, num_shards, start_step, data_state):
+        ds = PretrainData(dc, process_index=shard, process_count=num_shards)
+        it = iter(ds.dataset(start_step=0 if data_state else start_step))
+        if data_state:
+            it.set_state(data_state)  # the grain iterator's own checkpoint
+        return it
+
+    @functools.cache
+    def val_batches(shard, num_shards):
+        ds = PretrainData(dc, process_index=shard, process_count=num_shards)
+        return ds.validation_batches(int(config.train.eval_batches))
+
+    capacity = mc.token_capacity(L) if mc.mode == "compact" else None
+    loss_fn = functools.partial(mlm_loss_fn, aux_loss_coef=float(config.train.aux_loss_coef))
+    seed = int(config.train.seed)
+    return train_lib.run_training(
+        config, workdir, loss_fn=loss_fn,
+        model_ctor=lambda: MxDNAForMaskedLM(mc, rngs=nnx.Rngs(params=seed)),
+        train_iter_factory=train_iter, eval_iter_factory=val_batches,
+        token_capacity=capacity, max_token_capacity=L if capacity else None, mesh=mesh)
