@@ -315,19 +315,24 @@ class _Window:
 
     def reset(self):
         self.sums, self.steps, self.tokens, self.retries, self.t0 = {}, 0, 0, 0, time.perf_counter()
-        self.excluded = 0.0  # eval / checkpoint time inside the window, not training throughput
+        self.timed_steps = 0
+        self.excluded = 0.0  # eval / checkpoint / compile time inside the window, not throughput
 
-    def add(self, m, tokens):
+    def add(self, m, tokens, *, timed=True):
         for k, v in m.items():
             if np.ndim(v) == 0 and k not in ("overflow", "finite", "applied"):
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.steps += 1
-        self.tokens += tokens
+        if timed:
+            self.tokens += tokens
+            self.timed_steps += 1
 
     def summary(self):
         dt = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-        out.update(steps_per_sec=self.steps / dt, nt_per_s=self.tokens / dt, overflow_retries=self.retries)
+        if self.timed_steps:
+            out.update(steps_per_sec=self.timed_steps / dt, nt_per_s=self.tokens / dt)
+        out["overflow_retries"] = self.retries
         return out
 
 
@@ -444,9 +449,11 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
                 train_step, state, batch, token_capacity, max_capacity=max_token_capacity, growth=growth,
                 on_retry=on_retry, pending=pending)
             check_step(step + 1, m)
-            if step == start:
-                logger.event(step + 1, "first_step_done", seconds=time.perf_counter() - window.t0)
-                window.reset()
+            if step == start:  # includes compilation: logged, but kept out of the throughput
+                first = time.perf_counter() - window.t0
+                logger.event(step + 1, "first_step_done", seconds=first)
+                window.add(m, _tokens(batch), timed=False)
+                window.excluded += first
             else:
                 window.add(m, _tokens(batch))
             step += 1
