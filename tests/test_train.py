@@ -164,3 +164,36 @@ def test_bad_input_gives_clear_error(tmp_path, case):
     assert expect in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr or case == "typo"
     assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(tmp_path / "w" / "checkpoints")
+
+
+def test_tiny_config_learns_real_genome(tmp_path):
+    """200 steps of configs/tiny.py on the embedded yeast genome beat its unigram entropy.
+
+    Measured on this machine: val MLM loss 1.290 nats at step 200 (1.300 at step 100) against a
+    unigram entropy of 1.366 nats; the bound below keeps a margin for seed/platform noise.
+    """
+    import importlib.util
+
+    from mxdna_jax import pretrain
+    from mxdna_jax.data.fasta import Genome, unigram_entropy
+    from mxdna_jax.data.pipeline import default_corpus_paths
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", ROOT / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    with config.unlocked():
+        config.train.eval_every = 200
+        config.train.log_every = 50
+        config.checkpoint.every_steps = 200
+    one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])  # 8 fake devices only add overhead
+    pretrain.run(config, str(tmp_path / "run"), mesh=one_device)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["kind"] == "eval"]
+    train = [r for r in rows if r["kind"] == "train"]
+    entropy = unigram_entropy(Genome(default_corpus_paths()))
+    assert 1.35 < entropy < 1.39
+    assert val[-1]["step"] == 200
+    assert val[-1]["val_mlm_loss"] < entropy - 0.04, (val[-1]["val_mlm_loss"], entropy)
+    assert train[0]["mlm_loss"] > train[-1]["mlm_loss"] + 0.15  # steps 1-50 start near ln(9) = 2.2
+    assert all(np.isfinite(r["loss"]) for r in train)
