@@ -198,7 +198,7 @@ def test_async_save_survives_donation(tmp_path, trained):
 def loop_config(**train):
     c = ml_collections.ConfigDict()
     c.model = {"hidden_size": 16}  # compared on resume; the toy model ignores it
-    c.data = {"batch_size": 8}
+    c.data = {"global_batch_size": 8}
     c.train = dict(TRAIN_CFG, steps=6, grad_accum_steps=1, compute_dtype="float32", seed=0, log_every=1,
                    eval_every=3, eval_batches=2, capacity_growth=1.5)
     c.train.update(train)
@@ -234,7 +234,7 @@ def test_run_training_resume_is_exact_and_nan_stops(tmp_path):
     # Uninterrupted reference run.
     _, ref = run(tmp_path / "a", cfg)
     ref_rows = {r["step"]: r for r in read_jsonl(tmp_path / "a") if r["kind"] == "train"}
-    assert sorted(ref_rows) == [2, 3, 4, 5, 6]  # step 1 (compile) is reported as an event
+    assert sorted(ref_rows) == [1, 2, 3, 4, 5, 6]  # every step's loss, the compile step included
     events = [r for r in read_jsonl(tmp_path / "a") if r["kind"] == "event"]
     assert any(e["event"] == "capacity_grown" and (e["old"], e["new"]) == (4, 6) for e in events)
     assert [r["step"] for r in read_jsonl(tmp_path / "a") if r["kind"] == "eval"] == [3, 6]
@@ -252,7 +252,7 @@ def test_run_training_resume_is_exact_and_nan_stops(tmp_path):
     rows = read_jsonl(tmp_path / "b")
     assert any(r["kind"] == "event" and r["event"] == "start" and r["resumed"] for r in rows)
     for r in rows:
-        if r["kind"] == "train" and r["step"] in (5, 6):  # 4 is the post-resume compile step
+        if r["kind"] == "train" and r["step"] in (4, 5, 6):
             assert r["loss"] == ref_rows[r["step"]]["loss"], r
         if r["kind"] == "event" and r["event"] == "start" and r["resumed"]:
             assert r["token_capacity"] == 6  # the grown capacity came back from the checkpoint

@@ -10,13 +10,16 @@ Output rows can be any subset of positions (`rows_BT`), which is what the compac
 only token rows are computed, sampling a full-length input.
 """
 
+import chex
 import jax.numpy as jnp
 
 
 def deform_sample(x_BLC, offset_BTK, rows_BT):
     """Linearly interpolated samples (B, T, K, C) of x at rows_BT - 1 + k + offset (K = 3 taps)."""
+    chex.assert_rank([x_BLC, offset_BTK, rows_BT], [3, 3, 2])
     B, L, C = x_BLC.shape
     K = offset_BTK.shape[-1]
+    chex.assert_shape(offset_BTK, (B, rows_BT.shape[1], K))
     base_BTK = (rows_BT[:, :, None] - (K // 2) + jnp.arange(K)[None, None, :]).astype(jnp.float32)
     q_BTK = base_BTK + offset_BTK.astype(jnp.float32)
     inside_BTK = (q_BTK > -1) & (q_BTK < L)
@@ -45,6 +48,8 @@ def deform_conv1d(x_BLC, offset_BTK, modulator_BTK, weight_KCD, rows_BT=None):
     B, L, _ = x_BLC.shape
     if rows_BT is None:
         rows_BT = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
+    chex.assert_equal_shape([offset_BTK, modulator_BTK])
+    chex.assert_shape(weight_KCD, (offset_BTK.shape[-1], x_BLC.shape[-1], None))
     samples_BTKC = deform_sample(x_BLC, offset_BTK, rows_BT)
     modulated = samples_BTKC * modulator_BTK[..., None].astype(samples_BTKC.dtype)
     return jnp.einsum("btkc,kcd->btd", modulated, weight_KCD.astype(samples_BTKC.dtype),

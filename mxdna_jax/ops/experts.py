@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -120,8 +121,12 @@ def conv_experts(x_BLD, center_BL, all_BL, unit_center_BL, tap_BL, probs_BLE, pa
     params: dict with 'pre' (E, D, 2D), 'conv' (list of E arrays (k, g, D/g, D/g)),
     'norm_scale', 'norm_bias' (E, D), 'post' (E, D, D).
     """
+    chex.assert_rank(x_BLD, 3)
     B, L, D = x_BLD.shape
     E = probs_BLE.shape[-1]
+    chex.assert_shape([center_BL, all_BL, unit_center_BL, tap_BL], (B, L))
+    chex.assert_shape(probs_BLE, (B, L, E))
+    chex.assert_shape(params["pre"], (E, D, 2 * D))
     M = B * L
     x_MD = x_BLD.reshape(M, D)
     group_M = all_BL.reshape(M)

@@ -18,6 +18,7 @@ reproduces every tie-free official output.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -75,7 +76,9 @@ def basic_unit_nms(logits_BLE, attention_mask_BL, kernel_sizes=tuple(range(1, 11
       (rounds: number of parallel rounds, if return_rounds.)
     """
     kernel_sizes = tuple(int(k) for k in kernel_sizes)
+    chex.assert_rank(logits_BLE, 3)
     B, L, E = logits_BLE.shape
+    chex.assert_shape(attention_mask_BL, (B, L))
     assert E == len(kernel_sizes), (E, kernel_sizes)
     lengths_B = attention_mask_BL.astype(jnp.int32).sum(axis=1)
     priority_BLE = candidate_priority(logits_BLE)

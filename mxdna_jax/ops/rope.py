@@ -4,6 +4,7 @@ MxDNA puts tokens at the nucleotide index of their unit centre, so positions are
 not an arange. Tables are built in fp32 as the official code does.
 """
 
+import chex
 import jax.numpy as jnp
 
 
@@ -17,6 +18,8 @@ def rope_tables(positions_BT, head_dim: int, theta: float = 10000.0):
 
 def apply_rope(x_BTNH, cos_BTH, sin_BTH):
     """R(x, p) = x cos + rotate_half(x) sin, with rotate_half([x1, x2]) = [-x2, x1]."""
+    chex.assert_rank(x_BTNH, 4)
+    chex.assert_shape([cos_BTH, sin_BTH], (x_BTNH.shape[0], x_BTNH.shape[1], x_BTNH.shape[3]))
     x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]

@@ -1,0 +1,167 @@
+"""Train-step benchmark: throughput, peak memory, compile time and FLOP utilisation.
+
+    python benchmarks/train_step.py [--configs tiny base] [--lengths 512 1024] [--batch 4]
+                                    [--modes original compact] [--dtypes float32 bfloat16] [--quick]
+
+The step is the real one (`train_lib.make_train_step`: MLM loss + aux, AdamW, clipping) on a
+1-device mesh, fed real human chr20 windows with DNABERT masking. Model FLOPs of a step are taken
+as 3x the forward's useful FLOPs (forward + backward), counted analytically from the config and
+the measured token counts (benchmarks/common.py). Utilisation is against a 4096^3 matmul of the
+same dtype timed after every step in the same process, so machine load hits both sides alike.
+Writes benchmarks/results/train_step.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from mxdna_jax import optim, sharding, train_lib  # noqa: E402
+from mxdna_jax.data.masking import mask_tokens  # noqa: E402
+from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
+from mxdna_jax.objectives.mlm import mlm_loss_fn  # noqa: E402
+
+TRAIN = dict(lr=1e-4, warmup_steps=10, steps=1000, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.98,
+             grad_clip=1.0)
+
+
+def make_batch(L, B, seed=0):
+    inputs, _ = common.real_windows(L, B, seed=seed)
+    ids, labels = mask_tokens(inputs["input_ids"], np.random.default_rng(seed))
+    return dict(inputs, input_ids=ids, labels=labels)
+
+
+def token_stats(cfg, graphdef, state, batch, capacity):
+    model = nnx.merge(graphdef, state.params, state.rest)
+    out = nnx.jit(lambda m, b: m(b["input_ids"], b["attention_mask"], b["special_tokens_mask"],
+                                 token_capacity=capacity).backbone)(model, batch)
+    return common.unit_stats(out.center, out.all, out.token_mask, cfg)
+
+
+def bench_one(name, L, B, mode, dtype, repeats, probes, log):
+    cfg = common.model_config(name, mode=mode, dtype=dtype, max_position_embeddings=max(L, 512))
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tx, sched = optim.make_optimizer(TRAIN)
+    graphdef, state, sh = train_lib.init_train_state(lambda: MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=0)), tx,
+                                                     mesh, seed=0)
+    step = train_lib.make_train_step(mlm_loss_fn, tx, graphdef, sh, mesh, compute_dtype=dtype, schedule=sched)
+    batch = sharding.host_batch_to_global(make_batch(L, B), mesh)
+    capacity = cfg.token_capacity(L) if mode == "compact" else None
+    stats = token_stats(cfg, graphdef, state, batch, capacity)
+    if capacity is not None and max(stats["tokens_per_seq"]) > capacity:
+        capacity = L
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.jitted.lower(state, batch, capacity).compile()
+    compile_s = time.perf_counter() - t0
+    mem = None
+    if compiled is not None:
+        try:
+            ma = compiled.memory_analysis()
+            mem = {"temp_bytes": int(ma.temp_size_in_bytes), "argument_bytes": int(ma.argument_size_in_bytes),
+                   "output_bytes": int(ma.output_size_in_bytes)}
+            mem["peak_bytes"] = mem["temp_bytes"] + mem["argument_bytes"]
+        except Exception as e:  # noqa: BLE001 - not every backend reports it
+            log(f"  memory analysis unavailable: {e}")
+    t0 = time.perf_counter()
+    state, m = step(state, batch, token_capacity=capacity)  # first call (cached executable)
+    jax.block_until_ready(m)
+    first_s = time.perf_counter() - t0
+    assert not bool(m["overflow"]), "capacity overflow in the benchmark batch"
+    times, peaks = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = step(state, batch, token_capacity=capacity)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+        peaks.append(probes[dtype].gflops_once())
+    fl = common.analytic_flops(cfg, B, L, stats, mode=mode, capacity=capacity)
+    step_flops = 3.0 * fl["model"]["total"]
+    med = statistics.median(times)
+    peak = statistics.median(peaks)
+    row = dict(config=name, L=L, batch=B, mode=mode, dtype=dtype, capacity=capacity or L,
+               tokens_per_seq=float(np.mean(stats["tokens_per_seq"])), compile_s=compile_s, first_step_s=first_s,
+               step_s=med, step_times_s=times, nt_per_s=B * L / med, model_gflop_per_step=step_flops / 1e9,
+               model_gflops=step_flops / med / 1e9, peak_gflops=peak, mfu=step_flops / med / 1e9 / peak,
+               memory=mem, loss=float(m["loss"]))
+    log(f"  {name} L={L} {mode} {dtype}: {row['nt_per_s']:.0f} nt/s, step {med:.2f}s, MFU {row['mfu']:.0%}, "
+        f"compile {compile_s:.1f}s, peak mem {(mem or {}).get('peak_bytes', 0) / 2**20:.0f} MiB")
+    return row
+
+
+def render(result):
+    rows = result["rows"]
+    lines = [f"# Train-step benchmark\n\n{result['machine'].get('date', '')} · jax {result['machine'].get('jax')} · "
+             f"{result['machine'].get('cpu_count')} CPUs\n",
+             "Real human chr20 windows, DNABERT masking, MLM + 0.01 aux loss, AdamW; batch "
+             f"{rows[0]['batch'] if rows else '?'}; nt/s counts B x L positions. MFU = 3 x forward model FLOPs / "
+             "step time / same-dtype 4096^3 matmul rate timed after each step.\n"]
+    headers = ["config", "L", "mode", "dtype", "capacity", "tokens/seq", "compile s", "step s", "nt/s",
+               "model GFLOP/s", "matmul GFLOP/s", "MFU", "peak MiB"]
+    body = [[r["config"], r["L"], r["mode"], r["dtype"], r["capacity"], common.fmt(r["tokens_per_seq"]),
+             common.fmt(r["compile_s"]), common.fmt(r["step_s"]), f"{r['nt_per_s']:,.0f}",
+             common.fmt(r["model_gflops"]), common.fmt(r["peak_gflops"]), f"{r['mfu']:.0%}",
+             f"{(r['memory'] or {}).get('peak_bytes', 0) / 2**20:,.0f}"] for r in rows]
+    lines.append(common.md_table(headers, body))
+    ratios = []
+    for r in rows:
+        if r["mode"] == "compact":
+            o = next((x for x in rows if x["mode"] == "original" and x["config"] == r["config"]
+                      and x["L"] == r["L"] and x["dtype"] == r["dtype"]), None)
+            if o:
+                ratios.append(f"- {r['config']} L={r['L']} {r['dtype']}: compact / original = "
+                              f"{r['nt_per_s'] / o['nt_per_s']:.2f}x")
+        if r["dtype"] == "bfloat16":
+            f = next((x for x in rows if x["dtype"] == "float32" and x["config"] == r["config"]
+                      and x["L"] == r["L"] and x["mode"] == r["mode"]), None)
+            if f:
+                ratios.append(f"- {r['config']} L={r['L']} {r['mode']}: bf16 / fp32 = {r['nt_per_s'] / f['nt_per_s']:.2f}x")
+    if ratios:
+        lines.append("\n## Ratios (same run)\n\n" + "\n".join(ratios))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs", nargs="+", default=["tiny", "base"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[512, 1024])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--modes", nargs="+", default=["original", "compact"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny config, L=128, 2 repeats (smoke test)")
+    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.configs, a.lengths, a.repeats = ["tiny"], [128], 2
+    log = lambda s: print(s, flush=True)
+    probes = {d: common.PeakProbe(d) for d in a.dtypes}
+    rows = []
+    for name in a.configs:
+        for L in a.lengths:
+            for mode in a.modes:
+                for dtype in a.dtypes:
+                    rows.append(bench_one(name, L, a.batch, mode, dtype, a.repeats, probes, log))
+    result = {"machine": common.machine_info(), "args": vars(a), "rows": rows}
+    out = pathlib.Path(a.out)
+    stem = "train_step_quick" if a.quick else "train_step"
+    common.write_json(out / f"{stem}.json", result)
+    (out / f"{stem}.md").write_text(render(result))
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
