@@ -26,7 +26,6 @@ _OUT = flags.DEFINE_string("out", None, "output JSON (default: WORKDIR/eval_mlm.
 
 def eval_mlm() -> dict:
     import jax
-    import numpy as np
     from flax import nnx
 
     from mxdna_jax import params_io

@@ -9,7 +9,6 @@ Resumes from the latest good checkpoint in WORKDIR/checkpoints unless --noresume
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys

@@ -472,7 +472,7 @@ def main(argv=None) -> int:
                         f"{rec['peak_adjacent']['gflops']:.0f}  tokens/seq {rec['tokens']['mean_tokens_per_seq']:.0f} "
                         f"(cap {rec['capacity']})  NMS {1e3 * rec['nms']['median_s']:.1f}ms "
                         f"= {100 * rec['nms']['share_of_forward']:.2f}%"
-                        + (f"  stages: " + ", ".join(f"{s} {bd[s]['median_s']:.3f}" for s in
+                        + ("  stages: " + ", ".join(f"{s} {bd[s]['median_s']:.3f}" for s in
                                                      ("nucleotide", "tokenization", "route", "experts", "deform",
                                                       "token_layers", "head")) if bd else ""))
                 save()

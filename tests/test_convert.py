@@ -1,8 +1,6 @@
 """Official weights <-> our params: exact round trip, safetensors, the base config's names."""
 
-import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

@@ -9,7 +9,6 @@ from flax import nnx
 
 from mxdna_jax import convert, parity, vocab
 from mxdna_jax.capacity import CapacityOverflowError, call_with_capacity
-from mxdna_jax.config import ModelConfig
 from mxdna_jax.model import MxDNAForMaskedLM, flatten_tokens, extract_tokens
 
 SEQS = ["ACGTTGCAAGGCTTAGCNNATCGATCGGATCCATGCAAATTTGCGCGTATATCGCGATCGATTTAGC",
