@@ -25,11 +25,10 @@ _OUT = flags.DEFINE_string("out", None, "output JSON (default: WORKDIR/eval_mlm.
 
 
 def eval_mlm() -> dict:
-    import jax
+    import numpy as np
     from flax import nnx
 
-    from mxdna_jax import params_io
-    from mxdna_jax.capacity import call_with_capacity
+    from mxdna_jax import params_io, train_lib
     from mxdna_jax.data.pipeline import fasta_eval_batches
     from mxdna_jax.objectives.mlm import mlm_loss_fn
 
@@ -46,23 +45,13 @@ def eval_mlm() -> dict:
     capacity = model.cfg.token_capacity(L) if model.cfg.mode == "compact" else None
 
     @nnx.jit(static_argnames=("token_capacity",))
-    def step_fn(model, batch, token_capacity):
+    def eval_step(model, batch, token_capacity):
         return mlm_loss_fn(model, batch, None, token_capacity=token_capacity)[1]
 
-    tot = {"mlm_loss": 0.0, "accuracy": 0.0, "aux_loss": 0.0}
-    weight = 0.0
-    for b in batches:
-        if capacity is None:
-            m = step_fn(model, b, None)
-        else:
-            m, capacity = call_with_capacity(lambda c: (lambda r: (r, r["overflow"]))(step_fn(model, b, c)),
-                                             capacity, L)
-        m = jax.device_get(m)
-        w = float(m["n_predicted"])
-        for k in tot:
-            tot[k] += float(m[k]) * w
-        weight += w
-    result = {k: v / max(weight, 1.0) for k, v in tot.items()}
+    # the training loop's evaluator: masked-count-weighted means, capacity re-run on overflow
+    m, _ = train_lib.evaluate(eval_step, model, batches, capacity, max_capacity=L if capacity else None)
+    weight = sum(float(np.sum(b["labels"] != -100)) for b in batches)
+    result = {k: float(m[k]) for k in ("mlm_loss", "accuracy", "aux_loss")}
     result.update(step=step, fasta=os.path.abspath(_FASTA.value), window=window, windows=len(batches) * _BATCH_SIZE.value,
                   predicted_positions=int(weight), seed=_SEED.value)
     out = _OUT.value or os.path.join(_WORKDIR.value, "eval_mlm.json")
