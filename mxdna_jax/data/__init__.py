@@ -1,6 +1,14 @@
 """Data layer: FASTA genomes as cached id arrays, masked-LM corruption, Grain pipelines."""
 
-from mxdna_jax.data.fasta import Genome, default_cache_dir, load_fasta_ids, open_genome, parse_fasta, unigram_entropy
+from mxdna_jax.data.fasta import (
+    FastaNotFoundError,
+    Genome,
+    default_cache_dir,
+    load_fasta_ids,
+    open_genome,
+    parse_fasta,
+    unigram_entropy,
+)
 from mxdna_jax.data.masking import IGNORE_INDEX, mask_tokens
 from mxdna_jax.data.pipeline import (
     PretrainData,
@@ -16,6 +24,7 @@ from mxdna_jax.data.pipeline import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "FastaNotFoundError",
     "Genome",
     "PretrainData",
     "PretrainDataConfig",

@@ -17,13 +17,14 @@ import os
 import pathlib
 import tempfile
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 
 from mxdna_jax import vocab
 
-CACHE_FORMAT = 1  # bump when the parse semantics change, so stale caches are ignored
+CACHE_FORMAT = 2  # bump when the parse semantics or the cache layout change, so stale caches are ignored
 _BAD, _GAP = 255, 254
 _WHITESPACE = b" \t\r\n\v\f"  # deleted anywhere in sequence lines (line width is irrelevant)
 _CHUNK = 1 << 23
@@ -34,6 +35,36 @@ def _table(drop_gaps: bool) -> bytes:
     if drop_gaps:
         t[ord("-")] = _GAP
     return t.tobytes()
+
+
+class FastaNotFoundError(FileNotFoundError, ValueError):
+    """A FASTA path that does not exist. Also a ValueError, so the entry points report it as one
+    line of bad input (exit code 2) like every other data error; still a FileNotFoundError for
+    callers that catch that."""
+
+
+# Magic bytes of compressions we do not read: name them instead of reporting "invalid character".
+_OTHER_COMPRESSIONS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: message` on one line; module-qualified outside builtins (`zlib.error`, not `error`)."""
+    t = type(e)
+    name = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+    text = " ".join(str(e).split())
+    return f"{name}: {text}" if text else name
+
+
+def check_fasta_path(path) -> pathlib.Path:
+    """`path` as a Path if it names an existing regular file; otherwise a one-line error naming it."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a FASTA file")
+    if not path.exists():
+        raise FastaNotFoundError(f"FASTA file not found: {path}")
+    if not path.is_file():  # a FIFO or device: it cannot be read twice (magic bytes, then parse)
+        raise ValueError(f"{path} is not a regular file; give a FASTA or FASTA.gz file")
+    return path
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -62,11 +93,19 @@ class _RecordBuilder:
         if not ids.size:
             return
         if self.name is None:
+            if _is_binary(text):
+                raise ValueError(f"{self.path}: not a FASTA file (binary data before any '>' header)")
             raise ValueError(f"{self.path}: sequence data before the first '>' header; is this a FASTA file?")
         bad = np.flatnonzero(ids == _BAD)
         if bad.size:
             i = int(bad[0])
-            ch = chr(text.translate(None, _WHITESPACE)[i])
+            byte = text.translate(None, _WHITESPACE)[i]
+            if not 0x20 <= byte < 0x7F:  # a control or non-ASCII byte: binary, not a typo in a sequence
+                raise ValueError(
+                    f"{self.path}: not a FASTA file (binary byte 0x{byte:02x} in record {self.name!r} "
+                    f"at position {self.raw + i + 1})"
+                )
+            ch = chr(byte)
             allowed = "A/C/G/T/N, IUPAC codes" + (" or '-'" if self.drop_gaps else "")
             raise ValueError(
                 f"{self.path}: record {self.name!r}: invalid character {ch!r} at position {self.raw + i + 1} "
@@ -90,18 +129,62 @@ class _RecordBuilder:
         self.name = None
 
 
+_PRINTABLE = bytes(range(0x20, 0x7F))
+_HIGH = bytes(range(0x80, 0x100))
+
+
+def _is_binary(text: bytes) -> bool:
+    """Control bytes other than whitespace, or bytes that are not UTF-8: no FASTA has those."""
+    other = text.translate(None, _WHITESPACE + _PRINTABLE)
+    if not other:
+        return False
+    if other.translate(None, _HIGH):  # NUL, ESC, DEL, ...
+        return True
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _open_fasta(path: str):
+    """A binary file object of the (decompressed) text; gzip is detected by magic bytes."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    for prefix, name in _OTHER_COMPRESSIONS.items():
+        if magic.startswith(prefix):
+            raise ValueError(f"{path}: {name}-compressed; only plain or gzip FASTA is read (recompress it with gzip)")
+    return (gzip.open if magic.startswith(b"\x1f\x8b") else open)(path, "rb")
+
+
 def parse_fasta(path, *, drop_gaps: bool = False) -> tuple[np.ndarray, list[str], list[int]]:
     """Stream a FASTA(.gz) file into (uint8 ids of all records concatenated, names, lengths).
 
     Reads 8 MiB blocks (the text is never held whole; only the ids are), so a 63 Mb
     chromosome needs ~2x63 MB at the final concatenate. Gzip is detected by magic bytes.
+    Every failure is a ValueError with a one-line message naming the file.
     """
     path = str(path)
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
     b = _RecordBuilder(path, drop_gaps)
+    try:
+        seen = _read_records(path, b)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile first: it is an OSError
+        raise ValueError(f"{path}: truncated or corrupt gzip file ({_one_line(e)}); re-download it") from None
+    except OSError as e:  # permissions, I/O errors: bad input too, reported without a traceback
+        raise ValueError(f"{path}: cannot read ({e.strerror or _one_line(e)})") from None
+    b.finish()
+    if not seen:
+        raise ValueError(f"{path}: empty FASTA file")
+    if not b.lengths:
+        raise ValueError(f"{path}: no sequence found (no record has any nucleotides)")
+    ids = np.concatenate(b.chunks) if len(b.chunks) > 1 else b.chunks[0].copy()
+    return ids, b.names, b.lengths
+
+
+def _read_records(path: str, b: _RecordBuilder) -> bool:
+    """Feeds the whole file to `b`; whether it had any non-blank text."""
     carry, seen = b"", False
-    with (gzip.open if gz else open)(path, "rb") as f:
+    with _open_fasta(path) as f:
         while True:
             block = f.read(_CHUNK)
             data = carry + block
@@ -111,14 +194,7 @@ def parse_fasta(path, *, drop_gaps: bool = False) -> tuple[np.ndarray, list[str]
             seen = seen or bool(data.strip())
             _scan(data, b)
             if not block:
-                break
-    b.finish()
-    if not seen:
-        raise ValueError(f"{path}: empty FASTA file")
-    if not b.lengths:
-        raise ValueError(f"{path}: no sequence found (no record has any nucleotides)")
-    ids = np.concatenate(b.chunks) if len(b.chunks) > 1 else b.chunks[0].copy()
-    return ids, b.names, b.lengths
+                return seen
 
 
 def _scan(text: bytes, b: _RecordBuilder):
@@ -154,34 +230,93 @@ def _atomic_write(target: pathlib.Path, write):
         raise
 
 
+def _crc32(ids: np.ndarray) -> int:
+    c = 0
+    for i in range(0, ids.size, _CHUNK):  # chunked: a memory-mapped genome is never copied whole
+        c = zlib.crc32(ids[i : i + _CHUNK], c)
+    return c
+
+
+def _parse_meta(text: bytes, key: str) -> tuple[list[str], list[int], int]:
+    """(names, lengths, crc32) from the `.json` metadata; ValueError if it is not what we wrote."""
+    m = json.loads(text)
+    if not isinstance(m, dict) or m.get("key") != key:
+        raise ValueError("metadata is damaged or belongs to another file")
+    names, lengths, crc = m.get("names"), m.get("lengths"), m.get("crc32")
+    if not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+        and isinstance(lengths, list) and all(type(n) is int and n > 0 for n in lengths)
+        and len(names) == len(lengths) > 0 and type(crc) is int
+    ):
+        raise ValueError("metadata fields are missing or malformed")
+    return names, lengths, crc
+
+
+def _cache_problem(npy: pathlib.Path, ids: np.ndarray, lengths: list[int], crc: int) -> str | None:
+    """What is wrong with a loaded cache array, or None. The checksum catches overwrites that keep
+    the size (a wrong window is silent, unlike a crash); it costs ~0.1 s per GB, once per open."""
+    if ids.dtype != np.uint8 or ids.ndim != 1:
+        return f"array is {ids.dtype} {ids.shape}, expected uint8 1-D"
+    if ids.size != sum(lengths):
+        return f"array holds {ids.size} ids, the metadata says {sum(lengths)}"
+    size, expected = npy.stat().st_size, getattr(ids, "offset", 0) + ids.nbytes
+    if size != expected:
+        return f"file is {size} bytes, expected {expected}"
+    if _crc32(ids) != crc:
+        return "checksum mismatch: the array was overwritten"
+    return None
+
+
+def _read_cache(path: pathlib.Path, npy: pathlib.Path, meta: pathlib.Path, key: str):
+    """The cached (ids, names, lengths), or None to parse again.
+
+    A damaged cache (truncated, overwritten, metadata not ours) is reported and ignored, so the
+    caller rebuilds it: a bad cache must neither crash sampling later nor give wrong ids.
+    """
+    if not meta.exists():
+        return None  # never cached, or killed before the commit marker was written
+    try:
+        names, lengths, crc = _parse_meta(meta.read_bytes(), key)
+        with warnings.catch_warnings():  # a garbage header can make numpy's literal_eval warn
+            warnings.simplefilter("ignore")
+            ids = np.load(npy, mmap_mode="r", allow_pickle=False)
+        problem = _cache_problem(npy, ids, lengths, crc)
+    except Exception as e:  # noqa: BLE001 - a garbage .npy header raises ValueError, EOFError,
+        problem = _one_line(e)  # TypeError, tokenize.TokenError, ...: all mean "rebuild it"
+    if problem is None:
+        return ids, names, lengths
+    warnings.warn(f"ignoring damaged FASTA cache {npy} ({problem}); rebuilding it from {path}", stacklevel=4)
+    return None
+
+
+def _write_cache(ids, names, lengths, npy: pathlib.Path, meta: pathlib.Path, key: str):
+    """Writes the array, then the metadata, each atomically. The `.json` is the commit marker:
+    a process killed in between leaves at worst an orphan `.npy`, overwritten by the next run."""
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(npy, lambda f: np.save(f, ids))
+    text = json.dumps({"key": key, "names": names, "lengths": lengths, "crc32": _crc32(ids)}).encode()
+    _atomic_write(meta, lambda f: f.write(text))
+
+
 def load_fasta_ids(path, *, drop_gaps: bool = False, cache_dir=None, use_cache: bool = True):
     """(ids, names, lengths, cache_file) for one file; ids memory-mapped when cached.
 
-    The `.json` metadata is written after the `.npy` and acts as the commit marker, so a
-    process killed mid-write leaves at worst an orphan `.npy` that is simply overwritten.
+    Errors: FastaNotFoundError (a FileNotFoundError and a ValueError) for a missing path,
+    ValueError with a one-line message naming the file for anything else wrong with it. A file
+    that fails to parse never gets a cache; a damaged cache is rebuilt with a warning.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"FASTA file not found: {path}")
+    path = check_fasta_path(path)
     if use_cache:
         cdir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
         npy, meta, key = _cache_files(path, drop_gaps, cdir)
-        try:
-            m = json.loads(meta.read_text())
-            if m["key"] == key:
-                ids = np.load(npy, mmap_mode="r")
-                if ids.shape == (sum(m["lengths"]),) and ids.dtype == np.uint8:
-                    return ids, m["names"], m["lengths"], npy
-        except (OSError, ValueError, KeyError):
-            pass  # no (or a damaged) cache: parse again
+        cached = _read_cache(path, npy, meta, key)
+        if cached is not None:
+            return (*cached, npy)
     ids, names, lengths = parse_fasta(path, drop_gaps=drop_gaps)
     if not use_cache:
         return ids, names, lengths, None
     try:
-        cdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(npy, lambda f: np.save(f, ids))
-        text = json.dumps({"key": key, "names": names, "lengths": lengths}).encode()
-        _atomic_write(meta, lambda f: f.write(text))
+        _write_cache(ids, names, lengths, npy, meta, key)
         return np.load(npy, mmap_mode="r"), names, lengths, npy
     except OSError as e:
         warnings.warn(f"cannot write FASTA cache in {cdir} ({e}); keeping {path.name} in memory", stacklevel=2)
