@@ -15,6 +15,8 @@ import dataclasses
 import importlib.resources
 import math
 import os
+import threading
+import time
 
 import grain
 import numpy as np
@@ -56,11 +58,42 @@ class PretrainDataConfig:
     def __post_init__(self):
         paths = (self.fasta,) if isinstance(self.fasta, (str, os.PathLike)) else self.fasta
         object.__setattr__(self, "fasta", tuple(str(p) for p in paths if str(p)))
-        if self.window < 1 or self.global_batch_size < 1:
-            raise ValueError("window and global_batch_size must be positive")
-        for name in ("rc_prob", "max_n_frac", "val_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        self._validate()
+
+    def _validate(self):
+        """One-line ValueErrors naming the field as in the config (`data.<field>`) and its value.
+
+        Checked here, not where used: the masking fractions, for one, are only used inside grain
+        workers, where a bad value would surface as a worker traceback after compiling.
+        """
+        for name, lo in (("window", 1), ("global_batch_size", 1), ("max_tries", 1), ("read_threads", 1),
+                         ("prefetch_batches", 1), ("num_workers", 0), ("min_val_windows", 0)):
+            _check_int(name, getattr(self, name), lo)
+        for name in ("seed", "val_seed"):
+            _check_int(name, getattr(self, name), None)
+        for name in ("rc_prob", "max_n_frac", "val_fraction", "mask_token_frac", "random_token_frac"):
+            _check_fraction(name, getattr(self, name), "[0, 1]")
+        _check_fraction("mask_prob", self.mask_prob, "(0, 1]")
+        if self.mask_token_frac + self.random_token_frac > 1:
+            raise ValueError(
+                f"data.mask_token_frac + data.random_token_frac must be <= 1, got "
+                f"{self.mask_token_frac} + {self.random_token_frac}"
+            )
+
+
+def _check_int(name: str, value, lo: int | None):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"data.{name} must be an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"data.{name} must be {'> 0' if lo == 1 else f'>= {lo}'}, got {value}")
+
+
+def _check_fraction(name: str, value, interval: str):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+    if ok:
+        ok = (0 < value <= 1) if interval == "(0, 1]" else (0 <= value <= 1)  # also rejects NaN
+    if not ok:
+        raise ValueError(f"data.{name} must be a number in {interval}, got {value!r}")
 
 
 def default_corpus_paths() -> tuple[str, ...]:
@@ -186,6 +219,58 @@ def _ensure_absl_flags_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
+class ExitWithParent:
+    """`worker_init_fn` for grain's `mp_prefetch`: the worker exits within ~`interval_s` seconds
+    of the death of the process that started it, even a SIGKILL that runs no cleanup (without
+    this, each orphaned worker keeps ~220 MB and its shared memory until killed by hand).
+
+    How: a daemon thread in the worker polls every `interval_s` and `os._exit`s once the parent
+    is gone. Why not `prctl(PR_SET_PDEATHSIG)`: it is Linux only, and it fires when the parent
+    *thread* that spawned the worker exits; grain 0.2.18 starts its workers (spawn context, so
+    direct children) from the thread pool of InterleaveIterDataset's make-iterator prefetch, so
+    healthy workers would die whenever that pool's threads come and go.
+
+    "Parent gone" is either: our parent pid changed (we were reparented, which the kernel does at
+    the parent's exit, zombie or not), or the spawning pid no longer runs (covers a death before
+    the thread started, and an intermediate process such as a forkserver).
+    The spawning pid is read when this object is pickled (grain cloudpickles the init fn in the
+    process that starts the workers), not when the dataset is built, possibly elsewhere.
+    """
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self.parent_pid = os.getpid()
+
+    def __getstate__(self):
+        return {"interval_s": self.interval_s, "parent_pid": os.getpid()}
+
+    def __call__(self, worker_index: int = 0, worker_count: int = 1):
+        args = (self.parent_pid, os.getppid(), self.interval_s)
+        threading.Thread(target=_exit_when_parent_gone, args=args, daemon=True, name="exit-with-parent").start()
+
+
+def _exit_when_parent_gone(parent_pid: int, ppid_at_start: int, interval_s: float):
+    while os.getppid() == ppid_at_start and _pid_running(parent_pid):
+        time.sleep(interval_s)
+    os._exit(1)  # no cleanup: the parent that would read our queues is gone
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (a SIGKILLed parent stays one until reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # field 3; the name may hold spaces
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): existence is all we can tell
+
+
 def _stack(rows):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -234,9 +319,10 @@ class PretrainData:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches))
         if cfg.num_workers > 0:
             _ensure_absl_flags_parsed()
-            it = it.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch_batches)
+            opts = grain.MultiprocessingOptions(
+                num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch_batches
             )
+            it = it.mp_prefetch(opts, worker_init_fn=ExitWithParent())
         return it
 
     def validation_batches(self, n_batches: int, *, batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -263,6 +349,9 @@ def fasta_eval_batches(
     Same windows and masks for a given (file, window, batch_size, seed), whatever the model.
     The forward strand is used by default (rc_prob=0) so results refer to the file as written.
     """
+    for name, value in (("window", window), ("batch_size", batch_size), ("n_batches", n_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer > 0, got {value!r}")  # eval.py's flag names
     genome = open_genome(
         fasta, drop_gaps=cfg_overrides.get("drop_gaps", False), cache_dir=cfg_overrides.get("cache_dir")
     )
