@@ -57,8 +57,14 @@ def nucleotides_to_ids(seq: str | bytes, *, name: str = "sequence") -> np.ndarra
     return ids
 
 
-def encode(seq: str, *, max_length: int | None = None) -> np.ndarray:
+def _check_sequence(seq, name: str = "sequence") -> None:
+    if not isinstance(seq, (str, bytes, bytearray)):
+        raise TypeError(f"{name} is {type(seq).__name__}, expected str or bytes")
+
+
+def encode(seq: str | bytes, *, max_length: int | None = None) -> np.ndarray:
     """[CLS] ids [SEP] for one sequence; `max_length` bounds the total (with specials)."""
+    _check_sequence(seq)
     if len(seq) == 0:
         raise ValueError("empty sequence: MxDNA needs at least one nucleotide between [CLS] and [SEP]")
     if max_length is not None and len(seq) + 2 > max_length:
@@ -102,8 +108,13 @@ def encode_batch(
 
     `pad_to` fixes the padded length (static shapes under jit); by default the longest row.
     """
+    if isinstance(seqs, (str, bytes, bytearray)):
+        # A str is a sequence of 1-nt strings: encoding it would silently give one row per letter.
+        raise TypeError(f"encode_batch expects a sequence of sequences; got a {type(seqs).__name__} "
+                        "(wrap one sequence in a list)")
     rows = []
     for i, s in enumerate(seqs):
+        _check_sequence(s, f"sequence {i}")
         try:
             rows.append(encode(s, max_length=max_length))
         except ValueError as e:

@@ -59,3 +59,25 @@ def test_decode_and_reverse_complement():
     ids = vocab.nucleotides_to_ids("AACGTN")
     assert vocab.decode(vocab.reverse_complement_ids(ids)) == "NACGTT"
     assert vocab.decode(vocab.encode("ACGT")) == "ACGT"
+
+
+@pytest.mark.parametrize("seqs", ["ACGT", b"ACGT"])
+def test_encode_batch_refuses_a_single_string(seqs):
+    with pytest.raises(TypeError) as e:
+        vocab.encode_batch(seqs)
+    assert str(e.value) == (f"encode_batch expects a sequence of sequences; got a {type(seqs).__name__} "
+                            "(wrap one sequence in a list)")
+
+
+@pytest.mark.parametrize("bad,name", [(None, "NoneType"), (5, "int"), (["A"], "list")])
+def test_encode_batch_names_a_non_string_element(bad, name):
+    with pytest.raises(TypeError) as e:
+        vocab.encode_batch(["ACG", bad])
+    assert str(e.value) == f"sequence 1 is {name}, expected str or bytes"
+    with pytest.raises(TypeError, match=f"sequence is {name}, expected str or bytes"):
+        vocab.encode(bad)
+
+
+def test_encode_batch_accepts_bytes_and_tuples():
+    b = vocab.encode_batch((b"ACG", "acg"))
+    np.testing.assert_array_equal(b["input_ids"][0], b["input_ids"][1])
