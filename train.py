@@ -5,6 +5,9 @@
 Runs on one device, on a mesh of local devices, or on many hosts under jax.distributed
 (--coordinator_address / --num_processes / --process_id, or MXDNA_* environment variables).
 Resumes from the latest good checkpoint in WORKDIR/checkpoints unless --noresume.
+SIGTERM / Ctrl-C: the current step is finished and checkpointed, then the run exits with 75.
+Exit codes: see mxdna_jax/cli.py (0 ok, 2 bad input, 3 non-finite loss, 4 checkpoint write
+failed, 75 preempted).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config f
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl, tb/)")
 _RESUME = flags.DEFINE_bool("resume", True, "continue from the latest checkpoint in --workdir")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+                                  "resume even though the data/train config differs from the checkpoint's "
+                                  "(recorded as a config_changed event)")
 _COORD = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port")
 _NPROC = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 _PID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
@@ -27,28 +33,61 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
+    from mxdna_jax import cli
+
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        return cli.fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
     from mxdna_jax import distributed
 
-    distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value)
-    from mxdna_jax import pretrain
-
+    try:
+        distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value)
+    except ValueError as e:
+        return cli.fail(e)
     from absl import logging as absl_logging
+
+    from mxdna_jax import checkpoint, pretrain, preemption, train_lib
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     logging.getLogger("mxdna_jax").setLevel(logging.INFO)
+    workdir = cli.abspath(_WORKDIR.value)  # once, here: Orbax needs absolute paths
     try:
-        pretrain.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
-    except pretrain.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # NonFiniteLossError: the last good checkpoint is kept
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+        with preemption.StopSignal() as stop:
+            pretrain.run(_CONFIG.value, workdir, resume=_RESUME.value, allow_config_change=_ALLOW_CHANGE.value,
+                         stop_signal=stop)
+    except cli.UserError as e:
+        return cli.fail(e, cli.EXIT_BAD_INPUT)
+    except checkpoint.CorruptCheckpointError as e:
+        return cli.fail(e, cli.EXIT_BAD_INPUT)
+    except train_lib.NonFiniteLossError as e:  # the last good checkpoint is kept
+        return cli.fail(e, cli.EXIT_NON_FINITE)
+    except checkpoint.CheckpointSaveError as e:
+        return cli.fail(e, cli.EXIT_CHECKPOINT_FAILED)
+    except preemption.Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return cli.EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        return cli.fail("aborted by a second Ctrl-C without saving; the newest complete checkpoint is kept", 130)
+    return cli.EXIT_OK
+
+
+def parse_flags(argv):
+    """absl's parser, with config-override mistakes (a typo in --config.train.stesp) reported as
+    one line and exit 2 instead of a traceback from inside ml_collections."""
+    from mxdna_jax import cli
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(cli.fail(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raw = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
+        key, _, hint = raw.strip("'\" ").partition("\n")
+        key = key.strip("'\" ")
+        named = [a for a in argv[1:] if a.startswith("--config.") and f".{key}" in a.split("=")[0]]
+        where = named[0] if named else "a --config override"
+        sys.exit(cli.fail(f"{where}: no config field {key!r}" + (f"; {hint.strip()}" if hint else "")))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

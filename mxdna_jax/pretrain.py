@@ -10,28 +10,31 @@ import dataclasses
 import functools
 import os
 
+import jax
 from flax import nnx
 
+from mxdna_jax import cli, validate, workdir as workdir_lib
+from mxdna_jax.cli import UserError
 from mxdna_jax.config import ModelConfig
 from mxdna_jax.data.pipeline import PretrainData, PretrainDataConfig
 from mxdna_jax.model import MxDNAForMaskedLM
 from mxdna_jax.objectives.mlm import mlm_loss_fn
 
 
-class UserError(ValueError):
-    """A problem with the inputs (config, data, workdir) reported without a traceback."""
-
-
 def data_config(section) -> PretrainDataConfig:
     d = dict(section)
     fasta = d.pop("fasta", "") or ""
-    d["fasta"] = tuple(p.strip() for p in str(fasta).split(",") if p.strip())
-    d["cache_dir"] = d.get("cache_dir") or None
+    # Resolved here, once: grain workers and Orbax must not depend on the current directory.
+    d["fasta"] = tuple(cli.abspath(p.strip()) for p in str(fasta).split(",") if p.strip())
+    d["cache_dir"] = cli.abspath(d.get("cache_dir")) or None
     names = {f.name for f in dataclasses.fields(PretrainDataConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise UserError(f"unknown data config field(s): {unknown}")
-    return PretrainDataConfig(**d)
+    try:
+        return PretrainDataConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise UserError(cli.one_line(e)) from None
 
 
 def model_config(config) -> ModelConfig:
@@ -42,18 +45,28 @@ def model_config(config) -> ModelConfig:
     try:
         return ModelConfig.from_dict(m)
     except (TypeError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise UserError(cli.one_line(e)) from None
 
 
 def check_paths(dc: PretrainDataConfig):
     for p in dc.fasta:
         if not os.path.exists(p):
             raise UserError(f"FASTA file not found: {p}")
+        if os.path.isdir(p):
+            raise UserError(f"data.fasta {p} is a directory, not a FASTA file")
 
 
-def run(config, workdir: str, *, resume: bool = True, mesh=None):
+def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_change: bool = False,
+        stop_signal=None):
+    """Validate everything, lock the workdir, then train (see `train_lib.run_training`).
+
+    Every check that can fail on the user's input runs before the workdir is created or anything
+    is compiled, and fails with a one-line UserError.
+    """
     from mxdna_jax import train_lib
 
+    workdir = cli.abspath(workdir)
+    validate.check_training_config(config)
     mc = model_config(config)
     dc = data_config(config.data)
     check_paths(dc)
@@ -61,14 +74,19 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None):
     if L > mc.max_position_embeddings:
         raise UserError(f"data.window={dc.window} gives {L} positions with [CLS]/[SEP], more than "
                         f"model.max_position_embeddings={mc.max_position_embeddings}")
+    if mesh is None:
+        mesh = validate.check_mesh(config, jax.devices())
+    else:
+        validate.check_batch_fits_mesh(config, mesh)
+    workdir_lib.check_writable(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise UserError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
                         f"use a new --workdir (nothing is overwritten)")
     try:
         PretrainData(dc)  # opens (and caches) the corpus and validates it before any compile
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise UserError(cli.one_line(e)) from None
 
     def train_iter(shard, num_shards, start_step, data_state):
         ds = PretrainData(dc, process_index=shard, process_count=num_shards)
@@ -85,8 +103,10 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None):
     capacity = mc.token_capacity(L) if mc.mode == "compact" else None
     loss_fn = functools.partial(mlm_loss_fn, aux_loss_coef=float(config.train.aux_loss_coef))
     seed = int(config.train.seed)
-    return train_lib.run_training(
-        config, workdir, loss_fn=loss_fn,
-        model_ctor=lambda: MxDNAForMaskedLM(mc, rngs=nnx.Rngs(params=seed)),
-        train_iter_factory=train_iter, eval_iter_factory=val_batches,
-        token_capacity=capacity, max_token_capacity=L if capacity else None, mesh=mesh)
+    with workdir_lib.locked(workdir):
+        return train_lib.run_training(
+            config, workdir, loss_fn=loss_fn,
+            model_ctor=lambda: MxDNAForMaskedLM(mc, rngs=nnx.Rngs(params=seed)),
+            train_iter_factory=train_iter, eval_iter_factory=val_batches,
+            token_capacity=capacity, max_token_capacity=L if capacity else None, mesh=mesh,
+            allow_config_change=allow_config_change, stop_signal=stop_signal)

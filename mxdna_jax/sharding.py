@@ -131,6 +131,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(LOGICAL_RULES["batch"]))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch dim is split (every batch size must be a multiple of it)."""
+    return _axis_size(mesh, LOGICAL_RULES["batch"])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

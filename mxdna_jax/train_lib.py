@@ -39,7 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mxdna_jax import capacity as capacity_lib
-from mxdna_jax import checkpoint, metrics_log, optim, sharding
+from mxdna_jax import checkpoint, metrics_log, optim, preemption, sharding, validate
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,8 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
                  train_iter_factory: Callable[[int, int, int, Any], Iterator],
                  eval_iter_factory: Callable[[int, int], Iterable] | None = None,
                  token_capacity: int | None = None, max_token_capacity: int | None = None,
-                 mesh=None) -> tuple[Any, TrainState]:
+                 mesh=None, allow_config_change: bool = False,
+                 stop_signal: preemption.StopSignal | None = None) -> tuple[Any, TrainState]:
     """Train `config.train.steps` optimizer steps, resuming from `workdir/checkpoints`.
 
     - `model_ctor()` builds the model (called abstractly and inside jit; never materialised whole
@@ -354,9 +355,16 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
       `config.train.eval_batches` of them are used every `eval_every` steps.
     - `token_capacity` (compact mode) grows x`capacity_growth` on overflow up to
       `max_token_capacity`, and stays grown (saved in the checkpoint).
+    - Resuming checks the checkpoint's config: a different model is refused; other changes (but
+      the cadence/loader/mesh fields of `validate.RESUME_SAFE_FIELDS`) are refused unless
+      `allow_config_change`, and then recorded as a `config_changed` event.
+    - `stop_signal` (a `preemption.StopSignal`, entered by the caller) is checked after every
+      step: the step is checkpointed, the save awaited, and `preemption.Preempted` raised.
     Returns (graphdef, final state). Raises NonFiniteLossError on NaN/Inf (after finishing any
-    checkpoint of an earlier, good step).
+    checkpoint of an earlier, good step), checkpoint.CheckpointSaveError when a save fails (the
+    previous checkpoint is intact), cli.UserError for a refused config change.
     """
+    stop_signal = stop_signal if stop_signal is not None else preemption.StopSignal()
     tc = config.train
     mesh = mesh if mesh is not None else sharding.mesh_from_config(config.mesh)
     tx, schedule = optim.make_optimizer(tc)
@@ -377,12 +385,11 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
             out["rest"] = tree.rest
         return out
 
+    config_changes: list[dict] = []
+
     def validate_meta(meta):
-        saved = meta.get("config", {}).get("model")
-        if saved is not None and saved != cfg_json.get("model"):
-            diff = sorted(k for k in set(saved) | set(cfg_json["model"]) if saved.get(k) != cfg_json["model"].get(k))
-            raise ValueError(f"checkpoint in {workdir} was trained with a different model config "
-                             f"(fields {diff}); use another workdir")
+        config_changes[:] = validate.check_resume_config(meta.get("config"), cfg_json, workdir=workdir,
+                                                         allow_change=allow_config_change)
 
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     arrays_of(abstract), arrays_of(shardings))
@@ -411,11 +418,28 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     logger.event(start, "start", resumed=restored is not None, params=n_params, devices=jax.device_count(),
                  mesh=dict(mesh.shape), token_capacity=token_capacity)
+    if config_changes:
+        log.warning("resuming with config changes (--allow_config_change): %s", validate.describe_changes(config_changes))
+        logger.event(start, "config_changed", changes=config_changes)
+    if start >= int(tc.steps):
+        log.warning("the checkpoint is at step %d >= train.steps=%d: nothing to train", start, int(tc.steps))
 
     def save(step, data_state):
         ckpt.save(step, arrays_of(state), data_state=data_state,
                   meta={"rng": np.asarray(jax.device_get(state.rng)).tolist(), "token_capacity": token_capacity,
                         "config": cfg_json, "time": time.time()})
+
+    def check_first_step(step, m):
+        try:
+            check_step(step, m)
+        except NonFiniteLossError as e:
+            if step == start + 1 and restored is not None:
+                # A model that trained fine before the checkpoint and fails on the first step after it
+                # points at the checkpoint, not at the loss.
+                raise NonFiniteLossError(f"{e}. This is the first step after restoring checkpoint "
+                                         f"{ckpt.step_dir(start)}: that checkpoint is the likely suspect "
+                                         "(move it aside to resume from the one before)") from None
+            raise
 
     def run_eval(step):
         nonlocal token_capacity
@@ -448,7 +472,7 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
             state, m, token_capacity = train_step_with_retry(
                 train_step, state, batch, token_capacity, max_capacity=max_token_capacity, growth=growth,
                 on_retry=on_retry, pending=pending)
-            check_step(step + 1, m)
+            check_first_step(step + 1, m)
             if step == start:  # includes compilation: logged, but kept out of the throughput
                 first = time.perf_counter() - window.t0
                 logger.event(step + 1, "first_step_done", seconds=first)
@@ -459,7 +483,7 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
             step += 1
             batch = next_batch
             logger.advance()
-            if step % log_every == 0 and window.steps:
+            if (step % log_every == 0 or step == tc.steps) and window.steps:
                 logger.log(step, dict(window.summary(), token_capacity=token_capacity))
                 window.reset()
             t_side = time.perf_counter()
@@ -467,10 +491,13 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
                 run_eval(step)
             if saving:
                 save(step, data_state)
-            elif ckpt.reached_preemption(step):
-                save(step, data_state)
-                logger.event(step, "preempted")
-                break
+            getattr(ckpt, "poll_errors", lambda: None)()  # TEMP; a failed async save stops the run now, not at the next save
+            if step < tc.steps and stop_signal.should_stop(step, ckpt.reached_preemption):
+                if not saving:
+                    save(step, data_state)
+                ckpt.wait_until_finished()
+                logger.event(step, "preempted", signal=stop_signal.received)
+                raise preemption.Preempted(step, str(ckpt.step_dir(step)), stop_signal.received)
             window.excluded += time.perf_counter() - t_side
     except NonFiniteLossError as e:
         log.error("%s", e)

@@ -115,3 +115,53 @@ class ToyIterator:
 
     def set_state(self, state):
         self.pos = int(state["pos"])
+
+
+# ------------------------------------------------------------------ the training loop on the toy
+
+LOOP_TRAIN_CFG = dict(lr=1e-2, warmup_steps=2, steps=6, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.98,
+                      grad_clip=1.0, grad_accum_steps=1, compute_dtype="float32", seed=0, log_every=1,
+                      eval_every=3, eval_batches=2, aux_loss_coef=0.01, capacity_growth=1.5)
+
+
+def loop_config(**train):
+    """A train.py-shaped ConfigDict for `run_training` with the toy model."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.model = {"hidden_size": 16}  # compared on resume; the toy model ignores it
+    c.data = {"global_batch_size": 8, "window": 12}
+    c.train = dict(LOOP_TRAIN_CFG, **train)
+    c.checkpoint = {"every_steps": 3, "keep": 3, "async_save": True, "checksums": True}
+    c.mesh = {"data": -1, "fsdp": 1, "model": 1}
+    return c
+
+
+def run_toy_training(workdir, config, mesh=None, **kw):
+    """`train_lib.run_training` of the toy on ToyIterator batches; `kw` goes to the train
+    iterator (units, poison_at, fail_at) or to run_training (allow_config_change, stop_signal)."""
+    from mxdna_jax import train_lib
+
+    loop_kw = {k: kw.pop(k) for k in ("allow_config_change", "stop_signal") if k in kw}
+
+    def train_iter(shard_index, num_shards, start_step, data_state):
+        it = ToyIterator(seed=1, batch=8, shard_index=shard_index, num_shards=num_shards, **{"units": {1: 6}, **kw})
+        assert (data_state is None) == (start_step == 0)
+        if data_state is not None:
+            assert data_state["pos"] == start_step
+            it.set_state(data_state)
+        return it
+
+    def eval_iter(shard_index, num_shards):
+        return ToyIterator(seed=99, batch=8, shard_index=shard_index, num_shards=num_shards)
+
+    return train_lib.run_training(config, str(workdir), loss_fn=toy_loss_fn, model_ctor=make_model,
+                                  train_iter_factory=train_iter, eval_iter_factory=eval_iter,
+                                  token_capacity=4, max_token_capacity=12, mesh=mesh, **loop_kw)
+
+
+def read_jsonl(workdir):
+    import json
+    import os
+
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
