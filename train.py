@@ -60,8 +60,14 @@ def main(argv):
         return cli.fail(e, cli.EXIT_BAD_INPUT)
     except train_lib.NonFiniteLossError as e:  # the last good checkpoint is kept
         return cli.fail(e, cli.EXIT_NON_FINITE)
-    except checkpoint.CheckpointSaveError as e:
-        return cli.fail(e, cli.EXIT_CHECKPOINT_FAILED)
+    except (checkpoint.CheckpointSaveError, OSError) as e:
+        # Disk full or permissions. Orbax's background writers of the failed save may still be
+        # unwinding; a normal interpreter shutdown would print their errors after ours, so leave
+        # at once (the previous checkpoint and every metrics line are already on disk).
+        what = e if isinstance(e, checkpoint.CheckpointSaveError) else f"I/O error while training in {workdir}: {e}"
+        cli.fail(what, cli.EXIT_CHECKPOINT_FAILED)
+        sys.stdout.flush()
+        os._exit(cli.EXIT_CHECKPOINT_FAILED)
     except preemption.Preempted as e:
         print(f"preempted: {e}", file=sys.stderr, flush=True)
         return cli.EXIT_PREEMPTED

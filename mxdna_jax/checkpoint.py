@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -421,6 +422,7 @@ class CheckpointManager:
         items["meta"] = ocp.args.JsonSave(dict(meta, step=int(step), **{FINGERPRINT_KEY: fingerprints}))
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
+        self._check_free_space(int(step), arrays)
         self._pending_step = int(step)
         try:
             self._mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -437,6 +439,27 @@ class CheckpointManager:
             self._manifest_thread = threading.Thread(target=self._manifest_when_committed, args=(int(step),),
                                                      name=f"mxdna-manifest-{step}", daemon=True)
             self._manifest_thread.start()
+
+    def _check_free_space(self, step: int, arrays: Mapping[str, Any]) -> None:
+        """Refuse a save that cannot fit before orbax starts it: a save that runs out of space
+        half-way fails in a dozen background threads at once. The arrays are written
+        uncompressed, so their byte count is a lower bound of what the step needs (a save this
+        lets through can still fail, and is then reported by poll_errors). Single-process runs on
+        a local filesystem only: elsewhere each process writes part of the bytes, or free space
+        is not a meaningful number."""
+        if jax.process_count() > 1:
+            return
+        try:
+            free = shutil.disk_usage(os.fspath(self.directory)).free
+        except (OSError, TypeError, ValueError):
+            return
+        need = sum(int(x.nbytes) for x in jax.tree.leaves(arrays) if hasattr(x, "nbytes"))
+        if need > free:
+            self._failure = CheckpointSaveError(
+                step, self.step_dir(step), f"[Errno 28] No space left on device (needs at least "
+                f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free)", self._previous_committed(step))
+            self._failure_reported = False
+            self._raise_failure()
 
     def poll_errors(self) -> None:
         """Raise CheckpointSaveError if a started async save has failed; never blocks on a save

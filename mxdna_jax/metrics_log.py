@@ -8,6 +8,7 @@ back to an older checkpoint, readers should take the last line per (step, kind).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -16,6 +17,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(v: Any) -> Any:
@@ -85,10 +88,13 @@ class MetricsLogger:
             self._bar.update(n)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        """Best effort: called in `finally` blocks, also after a disk-full error, where flushing
+        TensorBoard's buffer fails again and must not hide the error being reported."""
+        for f in (self._bar, self._tb, self._jsonl):
+            if f is None:
+                continue
+            try:
+                f.close()
+            except OSError as e:
+                log.warning("closing %s failed: %s", type(f).__name__, e)
         self._jsonl = self._tb = self._bar = None

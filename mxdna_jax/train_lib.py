@@ -491,7 +491,7 @@ def run_training(config, workdir: str, *, loss_fn: LossFn, model_ctor: Callable[
                 run_eval(step)
             if saving:
                 save(step, data_state)
-            getattr(ckpt, "poll_errors", lambda: None)()  # TEMP; a failed async save stops the run now, not at the next save
+            ckpt.poll_errors()  # a failed async save stops the run now, not at the next save
             if step < tc.steps and stop_signal.should_stop(step, ckpt.reached_preemption):
                 if not saving:
                     save(step, data_state)

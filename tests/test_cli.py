@@ -206,6 +206,10 @@ def test_disk_full_stops_at_the_failed_save_and_keeps_the_previous_checkpoint(tm
         (err,) = error_lines(r.stderr)
         assert "could not be written" in err and "No space left on device" in err and "step 2" in err, err
         assert checkpoint.check_step_dir(wd / "checkpoints" / "2") == []  # the previous checkpoint is intact
+        # The pre-save estimate is a lower bound of what a step really takes (no false refusals).
+        need = float(re.search(r"needs at least ([\d.]+) MB", err).group(1)) * 1e6
+        used = sum(p.stat().st_size for p in (wd / "checkpoints" / "2").rglob("*") if p.is_file())
+        assert used >= need * 0.999, (used, need)
         assert len(r.stderr.splitlines()) < 60, r.stderr  # no wall of tracebacks
     finally:
         subprocess.run(["umount", "-l", str(wd)], check=False)
