@@ -8,6 +8,7 @@
   (reusable for warm starts from any source).
 - `save_params` / `load_params`: a self-contained params directory (Orbax + model_config.json),
   what `python -m mxdna_jax.convert import` writes for an official checkpoint.
+- `load_any(path)`: whichever of the above a path is (what `convert export` takes).
 """
 
 from __future__ import annotations
@@ -134,10 +135,15 @@ def read_array_tree(item_dir) -> Any:
     """An Orbax array item (e.g. STEP/params) as nested dicts of numpy arrays, using the
     checkpoint's own metadata: no target tree and no devices needed (any mesh it was saved on)."""
     item_dir = pathlib.Path(item_dir).absolute()
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(item_dir).item_metadata.tree
+    # The handler, not a Checkpointer: an item of a CheckpointManager step has no step-level
+    # metadata file of its own, which a Checkpointer would warn about.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(item_dir).tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+        return handler.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+    finally:
+        handler.close()
 
 
 # ------------------------------------------------------------------ train.py workdirs
@@ -234,3 +240,24 @@ def load_from_workdir(workdir, *, step_dir=None, head: str = "mlm", allow_unveri
     model = _build(cfg, head)
     report = load_matching(model, params)
     return LoadedCheckpoint(model, step, report, step_dir)
+
+
+def load_any(source, *, head: str = "mlm", allow_unverified: bool = False, **overrides) -> LoadedCheckpoint:
+    """A trained model from any of: a params dir (model_config.json, from `convert import`), a
+    train.py workdir (its newest verified step) or one of its step dirs (WORKDIR/checkpoints/STEP).
+    `head` applies to train.py checkpoints (a params dir knows its own); `.step` is -1 for a
+    params dir."""
+    src = pathlib.Path(source).absolute()
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found")
+    if (src / "model_config.json").is_file():
+        model = load_params(src, **overrides)
+        names = sorted("/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        return LoadedCheckpoint(model, -1, LoadReport(names, [], []), src)
+    if (src / "config.json").is_file() and (src / "checkpoints").is_dir():
+        return load_from_workdir(src, head=head, allow_unverified=allow_unverified, **overrides)
+    if src.parent.name == "checkpoints" and (src.parent.parent / "config.json").is_file():
+        return load_from_workdir(src.parent.parent, step_dir=src, head=head, allow_unverified=allow_unverified,
+                                 **overrides)
+    raise UserError(f"{src} is neither a params directory (model_config.json), a train.py workdir "
+                    "(config.json + checkpoints/) nor a checkpoint step directory (WORKDIR/checkpoints/STEP)")

@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -266,11 +268,23 @@ SMALL = {"params": {"a": jnp.arange(1000, dtype=jnp.float32)}}
 BIG = {"params": {"a": jnp.asarray(np.random.default_rng(0).standard_normal(300_000), jnp.float32)}}  # 1.2 MB
 
 
-def expect_save_error(e: checkpoint.CheckpointSaveError, directory):
+def expect_save_error(e: checkpoint.CheckpointSaveError, directory, detail: str = ""):
     msg = str(e)
     assert msg == (f"checkpoint step 2 could not be written to {directory / '2'}: [Errno 28] No space left on "
-                   "device; the previous checkpoint (step 1) is intact"), msg
+                   f"device{detail}; the previous checkpoint (step 1) is intact"), msg
     assert e.step == 2 and e.previous == 1 and "\n" not in msg
+
+
+def assert_step_1_intact(ck: pathlib.Path):
+    assert sorted(p.name for p in ck.iterdir() if p.name.isdigit()) == ["1"]
+    assert checkpoint.check_step_dir(ck / "1") == []
+    again = checkpoint.CheckpointManager(ck, keep=1)
+    assert again.all_steps() == [1]  # a partial step 2 is not a step
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), SMALL)
+    r = again.restore_latest(target)
+    assert r.step == 1 and r.meta["n"] == 1
+    assert_trees_equal(r.arrays, SMALL)
+    again.close()
 
 
 def poll_until_error(mgr, timeout=60.0):
@@ -282,12 +296,15 @@ def poll_until_error(mgr, timeout=60.0):
 
 
 @pytest.mark.parametrize("reported_by", ["poll_errors", "wait_until_finished", "save", "close"])
-def test_disk_full_is_reported_once_and_keeps_the_previous_step(small_disk, reported_by):
+def test_disk_full_during_an_async_save_is_reported_once(small_disk, reported_by, monkeypatch):
     ck = small_disk / "ck"
     mgr = checkpoint.CheckpointManager(ck, keep=1, async_save=True)  # keep=1: retention must not eat step 1
     mgr.save(1, SMALL, meta={"n": 1})
     mgr.wait_until_finished()
-    mgr.save(2, BIG, meta={"n": 2})  # returns at once; the write fails in the background
+    # The free-space check before a save passes (another writer fills the disk meanwhile, or a
+    # filesystem whose free space means little): the write itself fails, in orbax's threads.
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 40))
+    mgr.save(2, BIG, meta={"n": 2})  # returns at once
     with pytest.raises(checkpoint.CheckpointSaveError) as e:
         if reported_by == "poll_errors":
             poll_until_error(mgr)
@@ -303,15 +320,23 @@ def test_disk_full_is_reported_once_and_keeps_the_previous_step(small_disk, repo
     mgr.wait_until_finished()
     mgr.close()
     mgr.close()
-    assert sorted(p.name for p in ck.iterdir() if p.name.isdigit()) == ["1"]
-    assert checkpoint.check_step_dir(ck / "1") == []
-    again = checkpoint.CheckpointManager(ck, keep=1)
-    assert again.all_steps() == [1]  # the partial step 2 is not a step
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), SMALL)
-    r = again.restore_latest(target)
-    assert r.step == 1 and r.meta["n"] == 1
-    assert_trees_equal(r.arrays, SMALL)
-    again.close()
+    assert_step_1_intact(ck)
+
+
+def test_a_save_that_cannot_fit_is_refused_before_it_starts(small_disk):
+    ck = small_disk / "ck"
+    mgr = checkpoint.CheckpointManager(ck, keep=1, async_save=True)
+    mgr.save(1, SMALL, meta={"n": 1})
+    mgr.wait_until_finished()
+    with pytest.raises(checkpoint.CheckpointSaveError) as e:
+        mgr.save(2, BIG, meta={"n": 2})
+    free = re.search(r"needs at least 1\.2 MB, (0\.\d) MB free", str(e.value))
+    assert free, str(e.value)
+    expect_save_error(e.value, ck, detail=f" (needs at least 1.2 MB, {free.group(1)} MB free)")
+    assert not [p for p in ck.iterdir() if p.name.startswith("2")]  # nothing of step 2 was written
+    mgr.poll_errors()
+    mgr.close()
+    assert_step_1_intact(ck)
 
 
 def test_poll_errors_does_not_block_a_save_in_progress(tmp_path):
