@@ -3,7 +3,10 @@
     python eval.py mlm --workdir=DIR --fasta=FILE [--checkpoint=STEP_DIR] [--batches=8] [--seed=0]
 
 `mlm` prints and writes (DIR/eval_mlm.json, or --out) the masked-LM loss and accuracy of the
-newest good checkpoint of a train.py run on deterministic windows of any FASTA.
+newest verified checkpoint of a train.py run on deterministic windows of any FASTA.
+
+Exit codes: 0 success; 2 bad input (flags, workdir, FASTA, a damaged or unverifiable checkpoint),
+reported as one `error: ...` line; 1 an unexpected error (a bug: the traceback is printed).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import sys
 
 from absl import app, flags
 
+from mxdna_jax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir (config.json + checkpoints/)")
-_CKPT = flags.DEFINE_string("checkpoint", None, "a specific step directory (default: newest good one)")
+_CKPT = flags.DEFINE_string("checkpoint", None, "a specific step directory (default: newest verified one)")
 _FASTA = flags.DEFINE_string("fasta", None, "FASTA(.gz) to evaluate on")
 _BATCHES = flags.DEFINE_integer("batches", 8, "number of batches")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "windows per batch")
@@ -24,7 +29,44 @@ _SEED = flags.DEFINE_integer("seed", 0, "window and masking seed")
 _OUT = flags.DEFINE_string("out", None, "output JSON (default: WORKDIR/eval_mlm.json)")
 
 
+def _paths() -> dict[str, str | None]:
+    """Every user path, resolved once against the start-up directory (Orbax needs absolute ones)."""
+    workdir, fasta = cli.abspath(_WORKDIR.value), cli.abspath(_FASTA.value)
+    if not workdir or not fasta:
+        raise cli.UserError("mlm needs --workdir and --fasta")
+    if not os.path.isdir(workdir):
+        raise cli.UserError(f"--workdir {workdir} is not a directory")
+    if not os.path.isfile(fasta):
+        raise cli.UserError(f"FASTA file not found: {fasta}")
+    out = cli.abspath(_OUT.value) or os.path.join(workdir, "eval_mlm.json")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise cli.UserError(f"--out {out}: directory {os.path.dirname(out)} does not exist")
+    return {"workdir": workdir, "fasta": fasta, "checkpoint": cli.abspath(_CKPT.value), "out": out}
+
+
+def _check_counts() -> None:
+    for name, flag in (("batches", _BATCHES), ("batch_size", _BATCH_SIZE), ("window", _WINDOW)):
+        if flag.value is not None and flag.value <= 0:
+            raise cli.UserError(f"--{name} must be > 0, got {flag.value}")
+
+
+def _run_window(workdir: str) -> int:
+    if _WINDOW.value is not None:
+        return _WINDOW.value
+    path = os.path.join(workdir, "config.json")
+    try:
+        window = json.load(open(path)).get("data", {}).get("window")
+    except (OSError, ValueError, AttributeError) as e:
+        raise cli.UserError(f"{path} is unreadable ({cli.one_line(e)}): is {workdir} a train.py workdir?") from None
+    if window is None:
+        raise cli.UserError(f"{path} has no data.window; pass --window")
+    return int(window)
+
+
 def eval_mlm() -> dict:
+    _check_counts()
+    paths = _paths()  # all validation before anything is loaded or written
+
     import numpy as np
     from flax import nnx
 
@@ -32,14 +74,9 @@ def eval_mlm() -> dict:
     from mxdna_jax.data.pipeline import fasta_eval_batches
     from mxdna_jax.objectives.mlm import mlm_loss_fn
 
-    if not _WORKDIR.value or not _FASTA.value:
-        raise app.UsageError("mlm needs --workdir and --fasta")
-    if not os.path.exists(_FASTA.value):
-        raise app.UsageError(f"FASTA file not found: {_FASTA.value}")
-    model, step = params_io.load_from_workdir(_WORKDIR.value, step_dir=_CKPT.value)
-    run_cfg = json.load(open(os.path.join(_WORKDIR.value, "config.json")))
-    window = _WINDOW.value or int(run_cfg["data"]["window"])
-    batches = fasta_eval_batches(_FASTA.value, window=window, batch_size=_BATCH_SIZE.value,
+    window = _run_window(paths["workdir"])
+    model, step = params_io.load_from_workdir(paths["workdir"], step_dir=paths["checkpoint"])
+    batches = fasta_eval_batches(paths["fasta"], window=window, batch_size=_BATCH_SIZE.value,
                                  n_batches=_BATCHES.value, seed=_SEED.value)
     L = window + 2
     capacity = model.cfg.token_capacity(L) if model.cfg.mode == "compact" else None
@@ -52,9 +89,9 @@ def eval_mlm() -> dict:
     m, _ = train_lib.evaluate(eval_step, model, batches, capacity, max_capacity=L if capacity else None)
     weight = sum(float(np.sum(b["labels"] != -100)) for b in batches)
     result = {k: float(m[k]) for k in ("mlm_loss", "accuracy", "aux_loss")}
-    result.update(step=step, fasta=os.path.abspath(_FASTA.value), window=window, windows=len(batches) * _BATCH_SIZE.value,
+    result.update(step=step, fasta=paths["fasta"], window=window, windows=len(batches) * _BATCH_SIZE.value,
                   predicted_positions=int(weight), seed=_SEED.value)
-    out = _OUT.value or os.path.join(_WORKDIR.value, "eval_mlm.json")
+    out = paths["out"]
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"step {step}: mlm_loss {result['mlm_loss']:.4f} nats, accuracy {result['accuracy']:.4f} "
@@ -65,16 +102,18 @@ def eval_mlm() -> dict:
 def main(argv):
     from absl import logging as absl_logging
 
+    from mxdna_jax.checkpoint import CorruptCheckpointError
+
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
     commands = {"mlm": eval_mlm}
     if len(argv) != 2 or argv[1] not in commands:
-        raise app.UsageError(f"usage: eval.py {{{','.join(commands)}}} [flags]")
+        return cli.fail(f"usage: eval.py {{{','.join(commands)}}} [flags]; got {argv[1:]}", cli.EXIT_BAD_INPUT)
     try:
         commands[argv[1]]()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except (cli.UserError, OSError, ValueError, CorruptCheckpointError) as e:
+        # OSError: FileNotFoundError/PermissionError for a path. Anything else is a bug: traceback.
+        return cli.fail(e, cli.EXIT_BAD_INPUT)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Official MxDNA weights (PyTorch state-dict names and layouts) <-> our NNX params.
 
-    python -m mxdna_jax.convert check FIXTURE.npz [--head all]     # parity report, exit 1 over tolerance
-    python -m mxdna_jax.convert import ckpt/model.safetensors OUT  # official weights -> Orbax params
-    python -m mxdna_jax.convert export OUT_DIR model.safetensors    # our checkpoint -> official names
+    python -m mxdna_jax.convert check FIXTURE.npz [--mode compact]  # parity report
+    python -m mxdna_jax.convert import ckpt/model.safetensors OUT    # official weights -> Orbax params dir
+    python -m mxdna_jax.convert export SOURCE out/model.safetensors  # ours -> official names + config.json
+
+`export` SOURCE: a params dir written by `import`, a train.py workdir (its newest verified
+checkpoint) or one of its step directories (WORKDIR/checkpoints/STEP). Exit codes: 0 success;
+1 `check` found keys over tolerance; 2 bad input (an unreadable or incomplete fixture, a missing
+or damaged checkpoint, an existing output), one `error:` line and nothing written.
 
 No torch is needed: weights come from .safetensors or .npz (a `param/` prefix is accepted, as in
 the reference fixtures). Every official tensor name is mapped by one rule table; unmapped or

@@ -2,20 +2,27 @@
 
 `compare_fixture(path)` runs every head on the fixture's inputs and weights and returns, per
 stored key, the max abs error and its tolerance; `python -m mxdna_jax.convert check FILE.npz`
-prints that table and exits 1 when any key is over tolerance or an integer key differs.
+prints that table and exits 1 when any key is over tolerance or an integer key differs, 2 (one
+`error:` line) when the fixture cannot be read or lacks what a check needs.
+
+This module also holds the `python -m mxdna_jax.convert` command line (check / import / export).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
+import zipfile
+import zlib
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mxdna_jax import cli as cli_lib
 from mxdna_jax import convert
 from mxdna_jax.config import ModelConfig
 from mxdna_jax.objectives.mlm import masked_cross_entropy
@@ -42,9 +49,41 @@ INTEGER_KEYS = ("nms_center", "nms_all", "motif_attention_mask", "train_nms_cent
 _TAP_MAJOR = ("deform_offset", "deform_modulator_logit")
 
 
+# What a fixture needs besides reference outputs and official-named `param/...` weights.
+REQUIRED_KEYS = ("config_json", "input_ids", "attention_mask", "special_tokens_mask", "mlm_labels")
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def load_fixture(path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    """Every array of a .npz fixture; cli.UserError (one line, naming the file) when it is not a
+    readable .npz (missing, truncated, another format, a corrupted member)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise cli_lib.UserError(f"fixture not found: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except _UNREADABLE as e:
+        raise cli_lib.UserError(f"{path} is not a readable .npz fixture ({cli_lib.one_line(e)})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise cli_lib.UserError(f"{path} holds a single array, not a .npz fixture")
+    try:
+        with z:
+            return {k: z[k] for k in z.files}
+    except _UNREADABLE as e:
+        raise cli_lib.UserError(f"{path}: an array in it is unreadable, the file is truncated or corrupted "
+                                f"({cli_lib.one_line(e)})") from None
+
+
+def check_fixture_complete(fx: dict[str, np.ndarray], path) -> None:
+    """cli.UserError naming what a fixture lacks for a parity check (inputs, config, weights,
+    reference outputs), before any model is built."""
+    missing = [k for k in REQUIRED_KEYS if k not in fx]
+    if not any(k.startswith("param/") for k in fx):
+        missing.append("param/* (the official weights)")
+    if not any(k in TOLERANCE or k in INTEGER_KEYS for k in fx):
+        missing.append("reference outputs (e.g. mlm_logits)")
+    if missing:
+        raise cli_lib.UserError(f"fixture {path} is incomplete: missing {', '.join(missing)}")
 
 
 def fixture_config(fx: dict[str, np.ndarray], **overrides) -> ModelConfig:
@@ -70,14 +109,14 @@ def mlm_ce(logits_BLV, labels_BL):
     return masked_cross_entropy(logits_BLV, labels_BL)[0]
 
 
-def run_fixture(fx, cfg: ModelConfig, *, jit: bool = True) -> dict[str, np.ndarray]:
+def run_fixture(fx, cfg: ModelConfig, *, jit: bool = True, models=None) -> dict[str, np.ndarray]:
     """Our outputs for every key the fixture stores (as numpy, in the fixture's layout).
 
     One compiled forward serves every head: the classifier head and the token extraction read
     the masked-LM model's backbone output (the three official classes share the backbone
     weights), and eval mode is the train-mode graph with a jitter of exactly 1.
     """
-    models = build_models(fx, cfg)
+    models = build_models(fx, cfg) if models is None else models
     ids, am, sm = (jnp.asarray(fx[k]) for k in ("input_ids", "attention_mask", "special_tokens_mask"))
     labels = jnp.asarray(fx["mlm_labels"])
     wrap = nnx.jit if jit else (lambda f: f)
@@ -134,7 +173,7 @@ def compare_fixture(path, **overrides) -> list[dict]:
     return compare(fx, run_fixture(fx, cfg))
 
 
-def cli(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mxdna_jax.convert")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare a shared/reference-format fixture with this model")
@@ -146,40 +185,98 @@ def cli(argv=None) -> int:
     i.add_argument("out_dir")
     i.add_argument("--config", default=None, help="official config.json (default: next to the weights)")
     i.add_argument("--head", choices=("mlm", "cls", "tokens"), default="mlm")
-    e = sub.add_parser("export", help="our Orbax params dir -> official-named .safetensors")
-    e.add_argument("params_dir")
-    e.add_argument("out")
-    args = p.parse_args(argv)
-    if args.cmd == "check":
-        overrides = {"mode": args.mode}
-        if args.mode == "compact":
-            overrides["token_capacity_fraction"] = 1.0
-        rows = compare_fixture(args.fixture, **overrides)
-        if args.json:
-            print(json.dumps(rows, indent=1))
-        else:
-            print(f"{'key':34s} {'max abs err':>12s} {'tol':>9s}")
-            for r in rows:
-                err = f"{r['error']} diff" if r["kind"] == "exact" else f"{r['error']:.3e}"
-                print(f"{r['key']:34s} {err:>12s} {r['tol']:>9.1e} {'ok' if r['ok'] else 'FAIL'}")
-        bad = [r["key"] for r in rows if not r["ok"]]
-        if bad:
-            print(f"over tolerance: {', '.join(bad)}", file=sys.stderr)
-            return 1
-        print(f"all {len(rows)} keys within tolerance")
-        return 0
+    e = sub.add_parser("export", help="our params -> official-named .safetensors (+ config.json beside it)")
+    e.add_argument("source", help="a params dir (from `import`), a train.py workdir (its newest verified "
+                                   "checkpoint) or one checkpoint step dir (WORKDIR/checkpoints/STEP)")
+    e.add_argument("out", help="the .safetensors file to write")
+    return p
+
+
+def _error_text(e: BaseException) -> str:
+    # str(KeyError('x')) is "'x'": use the message itself
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _check(args) -> int:
+    overrides = {"mode": args.mode}
+    if args.mode == "compact":
+        overrides["token_capacity_fraction"] = 1.0
+    path = cli_lib.abspath(args.fixture)
+    try:
+        fx = load_fixture(path)
+        check_fixture_complete(fx, path)
+        cfg = fixture_config(fx, **overrides)
+        models = build_models(fx, cfg)  # a missing or misshapen weight is the fixture's fault
+    except cli_lib.UserError as e:
+        return cli_lib.fail(e, cli_lib.EXIT_BAD_INPUT)
+    except (KeyError, ValueError) as e:  # bad config_json, missing/misshapen official tensors
+        return cli_lib.fail(f"fixture {path}: {_error_text(e)}", cli_lib.EXIT_BAD_INPUT)
+    rows = compare(fx, run_fixture(fx, cfg, models=models))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'key':34s} {'max abs err':>12s} {'tol':>9s}")
+        for r in rows:
+            err = f"{r['error']} diff" if r["kind"] == "exact" else f"{r['error']:.3e}"
+            print(f"{r['key']:34s} {err:>12s} {r['tol']:>9.1e} {'ok' if r['ok'] else 'FAIL'}")
+    bad = [r["key"] for r in rows if not r["ok"]]
+    if bad:
+        print(f"over tolerance: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    print(f"all {len(rows)} keys within tolerance")
+    return 0
+
+
+def _import(args) -> int:
     from mxdna_jax import params_io
 
-    if args.cmd == "import":
-        model = convert.from_official(args.weights, args.config, head=args.head)
-        params_io.save_params(model, args.out_dir)
-        print(f"wrote {args.out_dir}")
-        return 0
-    if args.cmd == "export":
-        from safetensors.numpy import save_file
+    weights, out_dir = cli_lib.abspath(args.weights), cli_lib.abspath(args.out_dir)
+    if pathlib.Path(out_dir).exists() and any(pathlib.Path(out_dir).iterdir()):
+        raise cli_lib.UserError(f"{out_dir} exists and is not empty; choose a new output directory")
+    model = convert.from_official(weights, cli_lib.abspath(args.config), head=args.head)
+    params_io.save_params(model, out_dir)
+    print(f"wrote {out_dir}")
+    return 0
 
-        model = params_io.load_params(args.params_dir)
-        save_file(convert.export_state_dict(model), args.out)
-        print(f"wrote {args.out}")
-        return 0
-    return 2
+
+def _export(args) -> int:
+    from safetensors.numpy import save_file
+
+    from mxdna_jax import params_io
+
+    out = pathlib.Path(cli_lib.abspath(args.out))
+    if out.suffix != ".safetensors":
+        raise cli_lib.UserError(f"{out}: the output must be a .safetensors file")
+    loaded = params_io.load_any(cli_lib.abspath(args.source))
+    official_cfg = loaded.model.cfg.to_official()
+    config_path = out.with_name("config.json")  # where from_official looks by default
+    if config_path.exists() and _read_json(config_path) != official_cfg:
+        raise cli_lib.UserError(f"{config_path} exists and describes another model; export to another directory")
+    state_dict = convert.export_state_dict(loaded.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, str(out))
+    if not config_path.exists():
+        config_path.write_text(json.dumps(official_cfg, indent=1))
+    step = f" (step {loaded.step})" if loaded.step >= 0 else ""
+    print(f"wrote {out} and {config_path} from {loaded.step_dir}{step}")
+    return 0
+
+
+def _read_json(path: pathlib.Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cli(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "check":
+        return _check(args)
+    from mxdna_jax.checkpoint import CorruptCheckpointError
+
+    try:
+        return {"import": _import, "export": _export}[args.cmd](args)
+    except (cli_lib.UserError, OSError, KeyError, ValueError, CorruptCheckpointError) as e:
+        # bad input (paths, weights files, checkpoints): one line, nothing (more) written
+        return cli_lib.fail(_error_text(e), cli_lib.EXIT_BAD_INPUT)

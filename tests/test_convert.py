@@ -81,3 +81,47 @@ def test_config_typo_fails_loudly():
         ModelConfig.from_dict({"hiden_size": 64})
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(hidden_size=65, num_attention_heads=4)
+
+
+# ------------------------------------------------------------------ export from a train.py run
+
+
+def _flat(model):
+    from mxdna_jax import params_io
+
+    return params_io.flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_export_accepts_a_workdir_a_step_dir_and_a_params_dir(tmp_path, capsys):
+    from test_checkpoint_integrity import make_workdir
+
+    from mxdna_jax import params_io
+
+    wd = tmp_path / "run"
+    saved = make_workdir(wd)
+    # newest verified step of a workdir; then one named step; then the params dir `import` writes
+    assert convert.main(["export", str(wd), str(tmp_path / "a" / "model.safetensors")]) == 0
+    assert "(step 2)" in capsys.readouterr().out
+    assert convert.main(["export", str(wd / "checkpoints" / "1"), str(tmp_path / "b" / "model.safetensors")]) == 0
+    for sub, step in (("a", 2), ("b", 1)):
+        m = convert.from_official(tmp_path / sub / "model.safetensors")  # config.json written beside it
+        got = _flat(m)
+        assert got.keys() == saved[step].keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], saved[step][k], err_msg=f"{sub}: {k}")
+    params_io.save_params(params_io.load_from_workdir(wd).model, tmp_path / "pdir")
+    assert convert.main(["export", str(tmp_path / "pdir"), str(tmp_path / "c" / "model.safetensors")]) == 0
+    np.testing.assert_array_equal(_flat(convert.from_official(tmp_path / "c" / "model.safetensors"))["model/embed"],
+                                  saved[2]["model/embed"])
+
+
+def test_export_bad_sources_exit_2_and_write_nothing(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "o" / "model.safetensors"
+    for source, expect in ((tmp_path / "nope", "not found"), (tmp_path / "empty", "is neither a params directory")):
+        assert convert.main(["export", str(source), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expect in err and err.count("\n") == 1, err
+    assert convert.main(["export", str(tmp_path / "empty"), str(tmp_path / "model.bin")]) == 2
+    assert "must be a .safetensors file" in capsys.readouterr().err
+    assert not out.parent.exists() and not (tmp_path / "model.bin").exists()
