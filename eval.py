@@ -55,7 +55,8 @@ def _run_window(workdir: str) -> int:
         return _WINDOW.value
     path = os.path.join(workdir, "config.json")
     try:
-        window = json.load(open(path)).get("data", {}).get("window")
+        with open(path) as f:
+            window = json.load(f).get("data", {}).get("window")
     except (OSError, ValueError, AttributeError) as e:
         raise cli.UserError(f"{path} is unreadable ({cli.one_line(e)}): is {workdir} a train.py workdir?") from None
     if window is None:

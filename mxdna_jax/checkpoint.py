@@ -388,12 +388,12 @@ class CheckpointManager:
         self.directory = epath.Path(directory)
         self.checksums = checksums
         self.allow_unverified = allow_unverified
-        self._quiet = _QuietIOErrorTracebacks()
-        logging.getLogger("absl").addFilter(self._quiet)  # orbax logs through absl; removed in close()
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  create=True))
+        self._quiet = _QuietIOErrorTracebacks()
+        logging.getLogger("absl").addFilter(self._quiet)  # orbax logs through absl; removed in close()
         self._unusable: list[int] = []  # steps rejected by restore_latest, newer than the restored one
         self._manifest_thread: threading.Thread | None = None
         self._saved = threading.Event()  # set once orbax reports the pending save finished
