@@ -71,24 +71,24 @@ def eval_mlm() -> dict:
     import numpy as np
     from flax import nnx
 
-    from mxdna_jax import params_io, train_lib
+    from mxdna_jax import params_io, vocab
+    from mxdna_jax.capacity import CapacityPolicy
     from mxdna_jax.data.pipeline import fasta_eval_batches
     from mxdna_jax.objectives.mlm import mlm_loss_fn
+    from mxdna_jax.trainer import Evaluator
 
     window = _run_window(paths["workdir"])
     model, step = params_io.load_from_workdir(paths["workdir"], step_dir=paths["checkpoint"])
     batches = fasta_eval_batches(paths["fasta"], window=window, batch_size=_BATCH_SIZE.value,
                                  n_batches=_BATCHES.value, seed=_SEED.value)
-    L = window + 2
-    capacity = model.cfg.token_capacity(L) if model.cfg.mode == "compact" else None
 
     @nnx.jit(static_argnames=("token_capacity",))
     def eval_step(model, batch, token_capacity):
         return mlm_loss_fn(model, batch, None, token_capacity=token_capacity)[1]
 
     # the training loop's evaluator: masked-count-weighted means, capacity re-run on overflow
-    m, _ = train_lib.evaluate(eval_step, model, batches, capacity, max_capacity=L if capacity else None)
-    weight = sum(float(np.sum(b["labels"] != -100)) for b in batches)
+    m = Evaluator(eval_step, CapacityPolicy.for_model(model.cfg, window + 2))(model, batches)
+    weight = sum(float(np.sum(b["labels"] != vocab.IGNORE_LABEL)) for b in batches)
     result = {k: float(m[k]) for k in ("mlm_loss", "accuracy", "aux_loss")}
     result.update(step=step, fasta=paths["fasta"], window=window, windows=len(batches) * _BATCH_SIZE.value,
                   predicted_positions=int(weight), seed=_SEED.value)

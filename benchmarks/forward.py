@@ -15,7 +15,6 @@ logits of that forward, a `--peak-n`^3 matmul of the same dtype (the achievable 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pathlib
 import sys
@@ -33,6 +32,7 @@ from flax import nnx  # noqa: E402
 from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
 from mxdna_jax.ops.experts import conv_experts  # noqa: E402
 from mxdna_jax.ops.nms import basic_unit_nms, unit_layout  # noqa: E402
+from mxdna_jax.capacity import CapacityPolicy  # noqa: E402
 from mxdna_jax.ops.rope import rope_tables  # noqa: E402
 from mxdna_jax.tokenization import compact_token_positions  # noqa: E402
 
@@ -184,11 +184,7 @@ def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
     state = bench.state
     rec: dict[str, Any] = {"L": L, "batch": B, "mode": cfg.mode, "dtype": cfg.dtype,
                            "loadavg_before": list(os.getloadavg())}
-    if cfg.mode == "compact":
-        capacity = (cfg.token_capacity(L) if args.capacity_fraction is None
-                    else min(L, max(3, math.ceil(L * args.capacity_fraction))))
-    else:
-        capacity = None
+    capacity = CapacityPolicy.for_model(cfg, L, fraction=args.capacity_fraction).initial
     retries = []
     while True:
         compiled, ct = common.compile_jitted(forward_fn(gd, capacity), state, ids, am, sm)

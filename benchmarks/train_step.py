@@ -30,6 +30,7 @@ import common  # noqa: E402
 from mxdna_jax import optim, sharding, train_lib  # noqa: E402
 from mxdna_jax.data.masking import mask_tokens  # noqa: E402
 from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
+from mxdna_jax.capacity import CapacityPolicy  # noqa: E402
 from mxdna_jax.objectives.mlm import mlm_loss_fn  # noqa: E402
 
 TRAIN = dict(lr=1e-4, warmup_steps=10, steps=1000, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.98,
@@ -57,7 +58,7 @@ def bench_one(name, L, B, mode, dtype, repeats, probes, log):
                                                      mesh, seed=0)
     step = train_lib.make_train_step(mlm_loss_fn, tx, graphdef, sh, mesh, compute_dtype=dtype, schedule=sched)
     batch = sharding.host_batch_to_global(make_batch(L, B), mesh)
-    capacity = cfg.token_capacity(L) if mode == "compact" else None
+    capacity = CapacityPolicy.for_model(cfg, L).initial
     stats = token_stats(cfg, graphdef, state, batch, capacity)
     if capacity is not None and max(stats["tokens_per_seq"]) > capacity:
         capacity = L

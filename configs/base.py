@@ -39,6 +39,9 @@ def build(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The unlocked base config around a `model` section (tiny.py edits it before locking)."""
     c = ml_collections.ConfigDict()
     c.model = model
+    c.objective = "mlm"              # what the step optimises: a key of mxdna_jax.objectives.OBJECTIVES
+    c.init_from = ""                 # warm start: a train.py workdir, a step dir, a params dir or an
+                                     # official .safetensors ('' = fresh init); ignored when resuming
 
     c.data = data_section(
         window=510,                   # nucleotides per example; +[CLS]/[SEP] = 512 positions
@@ -58,12 +61,10 @@ def build(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         eps=1e-8,
         grad_clip=1.0,
         grad_accum_steps=1,           # micro-batches per optimizer step (batch_size % this == 0)
-        compute_dtype="float32",      # 'float32' | 'bfloat16'; master params stay float32
         seed=0,
         log_every=50,
         eval_every=2_000,
         eval_batches=20,
-        aux_loss_coef=0.01,
         capacity_growth=1.5,          # compact-mode token capacity multiplier after an overflow
     ))
 

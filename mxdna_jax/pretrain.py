@@ -1,4 +1,4 @@
-"""MLM pretraining glue: config sections -> model, data and `train_lib.run_training`.
+"""Pretraining glue: a config -> (model, objective) via `build`, FASTA data, `trainer.run_training`.
 
 train.py is the command line; this module is importable so tests and notebooks can run the same
 thing in-process.
@@ -11,14 +11,10 @@ import functools
 import os
 
 import jax
-from flax import nnx
 
-from mxdna_jax import cli, validate, workdir as workdir_lib
+from mxdna_jax import build, cli, validate, workdir as workdir_lib
 from mxdna_jax.cli import UserError
-from mxdna_jax.config import ModelConfig
 from mxdna_jax.data.pipeline import PretrainData, PretrainDataConfig
-from mxdna_jax.model import MxDNAForMaskedLM
-from mxdna_jax.objectives.mlm import mlm_loss_fn
 
 
 def data_config(section) -> PretrainDataConfig:
@@ -37,17 +33,6 @@ def data_config(section) -> PretrainDataConfig:
         raise UserError(cli.one_line(e)) from None
 
 
-def model_config(config) -> ModelConfig:
-    m = dict(config.model)
-    compute = str(config.train.get("compute_dtype", "float32"))
-    if compute != "float32":
-        m["dtype"] = compute  # the layers compute in this dtype; params stay float32
-    try:
-        return ModelConfig.from_dict(m)
-    except (TypeError, ValueError) as e:
-        raise UserError(cli.one_line(e)) from None
-
-
 def check_paths(dc: PretrainDataConfig):
     for p in dc.fasta:
         if not os.path.exists(p):
@@ -58,16 +43,17 @@ def check_paths(dc: PretrainDataConfig):
 
 def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_change: bool = False,
         stop_signal=None):
-    """Validate everything, lock the workdir, then train (see `train_lib.run_training`).
+    """Validate everything, lock the workdir, then train (see `trainer.run_training`).
 
     Every check that can fail on the user's input runs before the workdir is created or anything
     is compiled, and fails with a one-line UserError.
     """
-    from mxdna_jax import train_lib
+    from mxdna_jax import trainer
 
     workdir = cli.abspath(workdir)
     validate.check_training_config(config)
-    mc = model_config(config)
+    exp = build.build(config)
+    mc = exp.model_config
     dc = data_config(config.data)
     check_paths(dc)
     L = dc.seq_length
@@ -84,12 +70,12 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
         raise UserError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
                         f"use a new --workdir (nothing is overwritten)")
     try:
-        PretrainData(dc)  # opens (and caches) the corpus and validates it before any compile
+        PretrainData(dc, objective=exp.objective)  # opens (and caches) the corpus and validates it before any compile
     except (ValueError, OSError) as e:
         raise UserError(cli.one_line(e)) from None
 
     def train_iter(shard, num_shards, start_step, data_state):
-        ds = PretrainData(dc, process_index=shard, process_count=num_shards)
+        ds = PretrainData(dc, process_index=shard, process_count=num_shards, objective=exp.objective)
         it = iter(ds.dataset(start_step=0 if data_state else start_step))
         if data_state:
             it.set_state(data_state)  # the grain iterator's own checkpoint
@@ -97,16 +83,11 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
 
     @functools.cache
     def val_batches(shard, num_shards):
-        ds = PretrainData(dc, process_index=shard, process_count=num_shards)
+        ds = PretrainData(dc, process_index=shard, process_count=num_shards, objective=exp.objective)
         return ds.validation_batches(int(config.train.eval_batches))
 
-    capacity = mc.token_capacity(L) if mc.mode == "compact" else None
-    loss_fn = functools.partial(mlm_loss_fn, aux_loss_coef=float(config.train.aux_loss_coef))
-    seed = int(config.train.seed)
     with workdir_lib.locked(workdir):
-        return train_lib.run_training(
-            config, workdir, loss_fn=loss_fn,
-            model_ctor=lambda: MxDNAForMaskedLM(mc, rngs=nnx.Rngs(params=seed)),
-            train_iter_factory=train_iter, eval_iter_factory=val_batches,
-            token_capacity=capacity, max_token_capacity=L if capacity else None, mesh=mesh,
+        return trainer.run_training(
+            config, workdir, loss_fn=exp.loss_fn, model_ctor=exp.model_ctor(),
+            train_iter_factory=train_iter, eval_iter_factory=val_batches, policy=exp.capacity(L), mesh=mesh,
             allow_config_change=allow_config_change, stop_signal=stop_signal)

@@ -6,6 +6,7 @@ Every problem is a `UserError` whose one-line message names the field (`train.st
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "checkpoint.checksums",
     "data.num_workers", "data.read_threads", "data.prefetch_batches", "data.cache_dir",
     "mesh.data", "mesh.fsdp", "mesh.model",
+    "init_from",  # only read by a fresh start
 })
 # What no flag can change on resume: the parameters would not fit.
 STRICT_SECTIONS = ("model",)
@@ -46,13 +48,15 @@ def check_training_config(config) -> None:
     _positive(d, "data", "window", "global_batch_size")
     _positive(t, "train", "steps", "log_every", "grad_accum_steps")
     _positive(c, "checkpoint", "every_steps", "keep")
-    _non_negative(t, "train", "eval_every", "warmup_steps", "weight_decay", "aux_loss_coef")
+    _non_negative(t, "train", "eval_every", "warmup_steps", "weight_decay")
     if int(t.eval_every) > 0:
         _positive(t, "train", "eval_batches")
     if not float(t.lr) > 0:
         raise UserError(f"train.lr must be > 0, got {t.lr!r}")
-    if str(t.compute_dtype) not in ("float32", "bfloat16"):
-        raise UserError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {t.compute_dtype!r}")
+    init_from = str(config.get("init_from", "") or "")
+    if init_from and not os.path.exists(init_from):
+        raise UserError(f"init_from {init_from} not found (a train.py workdir, a checkpoint step, a params "
+                        "directory or an official .safetensors)")
     if float(t.get("capacity_growth", 1.5)) <= 1:
         raise UserError(f"train.capacity_growth must be > 1, got {t.capacity_growth!r}")
     gb, k = int(d.global_batch_size), int(t.grad_accum_steps)

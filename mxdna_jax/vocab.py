@@ -17,6 +17,8 @@ VOCAB_SIZE = 9
 TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "A", "T", "C", "G")
 NUCLEOTIDE_IDS = (A, T, C, G)
 SPECIAL_IDS = (PAD, CLS, SEP)  # what the tokenizer flags in special_tokens_mask
+# Label of positions that are not predicted (the optax/PyTorch convention); the one definition.
+IGNORE_LABEL = -100
 
 # IUPAC ambiguity codes (and N) are real sequence content of unknown identity: [UNK].
 AMBIGUOUS = "NRYSWKMBDHV"

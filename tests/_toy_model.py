@@ -120,8 +120,8 @@ class ToyIterator:
 # ------------------------------------------------------------------ the training loop on the toy
 
 LOOP_TRAIN_CFG = dict(lr=1e-2, warmup_steps=2, steps=6, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.98,
-                      grad_clip=1.0, grad_accum_steps=1, compute_dtype="float32", seed=0, log_every=1,
-                      eval_every=3, eval_batches=2, aux_loss_coef=0.01, capacity_growth=1.5)
+                      grad_clip=1.0, grad_accum_steps=1, seed=0, log_every=1, eval_every=3, eval_batches=2,
+                      capacity_growth=1.5)
 
 
 def loop_config(**train):
@@ -138,9 +138,10 @@ def loop_config(**train):
 
 
 def run_toy_training(workdir, config, mesh=None, **kw):
-    """`train_lib.run_training` of the toy on ToyIterator batches; `kw` goes to the train
+    """`trainer.run_training` of the toy on ToyIterator batches; `kw` goes to the train
     iterator (units, poison_at, fail_at) or to run_training (allow_config_change, stop_signal)."""
-    from mxdna_jax import train_lib
+    from mxdna_jax import trainer
+    from mxdna_jax.capacity import CapacityPolicy
 
     loop_kw = {k: kw.pop(k) for k in ("allow_config_change", "stop_signal") if k in kw}
 
@@ -155,9 +156,9 @@ def run_toy_training(workdir, config, mesh=None, **kw):
     def eval_iter(shard_index, num_shards):
         return ToyIterator(seed=99, batch=8, shard_index=shard_index, num_shards=num_shards)
 
-    return train_lib.run_training(config, str(workdir), loss_fn=toy_loss_fn, model_ctor=make_model,
-                                  train_iter_factory=train_iter, eval_iter_factory=eval_iter,
-                                  token_capacity=4, max_token_capacity=12, mesh=mesh, **loop_kw)
+    return trainer.run_training(config, str(workdir), loss_fn=toy_loss_fn, model_ctor=make_model,
+                                train_iter_factory=train_iter, eval_iter_factory=eval_iter,
+                                policy=CapacityPolicy(4, 12), mesh=mesh, **loop_kw)
 
 
 def read_jsonl(workdir):

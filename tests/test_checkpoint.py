@@ -2,11 +2,9 @@
 
 import json
 import logging
-import os
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -195,38 +193,7 @@ def test_async_save_survives_donation(tmp_path, trained):
 # ------------------------------------------------------------------ the training loop
 
 
-def loop_config(**train):
-    c = ml_collections.ConfigDict()
-    c.model = {"hidden_size": 16}  # compared on resume; the toy model ignores it
-    c.data = {"global_batch_size": 8}
-    c.train = dict(TRAIN_CFG, steps=6, grad_accum_steps=1, compute_dtype="float32", seed=0, log_every=1,
-                   eval_every=3, eval_batches=2, capacity_growth=1.5)
-    c.train.update(train)
-    c.checkpoint = {"every_steps": 3, "keep": 3, "async_save": True, "checksums": True}
-    c.mesh = {"data": -1, "fsdp": 1, "model": 1}
-    return c
-
-
-def run(workdir, config, mesh=None, **it_kw):
-    def train_iter(shard_index, num_shards, start_step, data_state):
-        it = toy.ToyIterator(seed=1, batch=8, shard_index=shard_index, num_shards=num_shards,
-                             units={1: 6}, **it_kw)
-        assert (data_state is None) == (start_step == 0)
-        if data_state is not None:
-            assert data_state["pos"] == start_step
-            it.set_state(data_state)
-        return it
-
-    def eval_iter(shard_index, num_shards):
-        return toy.ToyIterator(seed=99, batch=8, shard_index=shard_index, num_shards=num_shards)
-
-    return train_lib.run_training(config, str(workdir), loss_fn=toy.toy_loss_fn, model_ctor=toy.make_model,
-                                  train_iter_factory=train_iter, eval_iter_factory=eval_iter,
-                                  token_capacity=4, max_token_capacity=12, mesh=mesh)
-
-
-def read_jsonl(workdir):
-    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+loop_config, run, read_jsonl = toy.loop_config, toy.run_toy_training, toy.read_jsonl
 
 
 def test_run_training_resume_is_exact_and_nan_stops(tmp_path):

@@ -3,7 +3,6 @@ repository (relative paths), preemption by SIGTERM (one and two processes), a se
 live workdir, disk full, and bad input (exit 2, one line, nothing written)."""
 
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -16,7 +15,7 @@ import time
 import pytest
 
 from conftest import SHARED
-from test_train import FAST, ROOT, env_for, free_port, step_losses, train_cmd
+from test_train import ROOT, env_for, free_port, step_losses, train_cmd
 
 README = ROOT / "README.md"
 

@@ -10,8 +10,8 @@ from conftest import shared_path
 
 from mxdna_jax import vocab
 from mxdna_jax.data import fasta as fasta_mod
+from mxdna_jax.data.pipeline import TRAIN_STREAM, MakeExample
 from mxdna_jax.data import (
-    IGNORE_INDEX,
     Genome,
     PretrainData,
     PretrainDataConfig,
@@ -52,7 +52,7 @@ def random_dna(rng, n, alphabet="ACGT"):
 
 def reconstruct(batch):
     """Original tokens of a masked batch: labels where predicted, input_ids elsewhere."""
-    return np.where(batch["labels"] != IGNORE_INDEX, batch["labels"], batch["input_ids"])
+    return np.where(batch["labels"] != vocab.IGNORE_LABEL, batch["labels"], batch["input_ids"])
 
 
 # ---------------------------------------------------------------- FASTA parsing and cache
@@ -233,7 +233,7 @@ def test_masking_statistics_and_consistency():
     out, labels = mask_tokens(ids, np.random.default_rng(1))
     assert out.dtype == labels.dtype == np.int32 and out.shape == labels.shape == ids.shape
     eligible = np.isin(ids, vocab.NUCLEOTIDE_IDS)
-    sel = labels != IGNORE_INDEX
+    sel = labels != vocab.IGNORE_LABEL
     assert not (sel & ~eligible).any()  # specials and [UNK] never selected
     np.testing.assert_array_equal(labels[sel], ids[sel])
     np.testing.assert_array_equal(out[~sel], ids[~sel])
@@ -252,14 +252,14 @@ def test_masking_fractions_configurable_and_at_least_one():
     rng = np.random.default_rng(2)
     ids = _masking_input(rng, b=200)
     out, labels = mask_tokens(ids, rng, mask_prob=0.3, mask_token_frac=1.0, random_token_frac=0.0)
-    sel = labels != IGNORE_INDEX
+    sel = labels != vocab.IGNORE_LABEL
     assert (out[sel] == vocab.MASK).all() and abs(sel.mean() / np.isin(ids, vocab.NUCLEOTIDE_IDS).mean() - 0.3) < 0.01
     out, labels = mask_tokens(ids, rng, mask_token_frac=0.0, random_token_frac=0.0)
     np.testing.assert_array_equal(out, ids)
     # Short rows: with a tiny probability nothing would be drawn, yet each row gets exactly one.
     short = np.array([[vocab.CLS, vocab.A, vocab.UNK, vocab.SEP]] * 50 + [[vocab.CLS, vocab.UNK, vocab.SEP, vocab.PAD]] * 5)
     _, labels = mask_tokens(short, rng, mask_prob=1e-9)
-    assert ((labels != IGNORE_INDEX).sum(1) == [1] * 50 + [0] * 5).all()
+    assert ((labels != vocab.IGNORE_LABEL).sum(1) == [1] * 50 + [0] * 5).all()
     assert (labels[:50, 1] == vocab.A).all()
     with pytest.raises(ValueError):
         mask_tokens(short, rng, mask_token_frac=0.9, random_token_frac=0.2)
@@ -299,8 +299,8 @@ def test_batch_format_and_determinism():
     assert (b["input_ids"][:, 0] == vocab.CLS).all() and (b["input_ids"][:, -1] == vocab.SEP).all()
     np.testing.assert_array_equal(b["special_tokens_mask"], vocab.make_masks(b["input_ids"])["special_tokens_mask"])
     assert (b["attention_mask"] == 1).all()
-    assert ((b["labels"] != IGNORE_INDEX).sum(1) >= 1).all()
-    assert (b["labels"][b["special_tokens_mask"] == 1] == IGNORE_INDEX).all()
+    assert ((b["labels"] != vocab.IGNORE_LABEL).sum(1) >= 1).all()
+    assert (b["labels"][b["special_tokens_mask"] == 1] == vocab.IGNORE_LABEL).all()
     again = take(iter(PretrainData(small_cfg()).dataset()), 3)
     assert_batches_equal(take(iter(data.dataset()), 3), again)
     other = take(iter(PretrainData(small_cfg(seed=1)).dataset()), 3)
@@ -309,9 +309,9 @@ def test_batch_format_and_determinism():
     draws = [element_rng(0, stream, i).random(4) for stream in (0, 1, 2) for i in (0, 1)]
     assert len({d.tobytes() for d in draws}) == 6
     # Any element can be recomputed from its global index alone.
-    elements = data.elements()
+    make = MakeExample(data.train_sampler, data.cfg, data.cfg.seed, TRAIN_STREAM)
     for j in (0, 5):
-        np.testing.assert_array_equal(elements[2 * 8 + j]["input_ids"], again[2]["input_ids"][j])
+        np.testing.assert_array_equal(make(2 * 8 + j)["input_ids"], again[2]["input_ids"][j])
 
 
 def test_windows_are_genome_substrings_and_rc_rate():

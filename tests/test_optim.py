@@ -13,7 +13,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 import _toy_model as toy
-from mxdna_jax import optim, sharding, train_lib
+from mxdna_jax import optim, sharding, train_lib, trainer
+from mxdna_jax.capacity import CapacityOverflowError, CapacityPolicy
 from mxdna_jax.config import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -76,8 +77,9 @@ def test_config_model_section_is_model_config(name):
     c = load_config(name)
     assert set(c.model.keys()) == {f.name for f in dataclasses.fields(ModelConfig)}
     m = ModelConfig.from_dict(c.model.to_dict())
-    assert set(c.keys()) == {"model", "data", "train", "checkpoint", "mesh"}
-    assert c.train.aux_loss_coef == 0.01
+    assert set(c.keys()) == {"model", "objective", "init_from", "data", "train", "checkpoint", "mesh"}
+    # one source per knob: the aux-loss weight and the compute dtype live in the model section only
+    assert m.router_aux_loss_coef == 0.01 and "aux_loss_coef" not in c.train and "compute_dtype" not in c.train
     if name == "base":
         assert (m.hidden_size, m.num_attention_heads, m.intermediate_size) == (512, 16, 2048)
         assert (m.num_nucleotide_layers, m.num_token_layers) == (4, 16)
@@ -185,14 +187,15 @@ def test_overflow_reruns_same_step_at_larger_capacity(setup):
     s1, m1 = step(fresh(), batch, token_capacity=4)
     assert bool(m1["overflow"]) and not bool(m1["applied"]) and int(s1.step) == 0
     retries = []
-    s2, m2, cap = train_lib.train_step_with_retry(step, s1, batch, 4, max_capacity=12, growth=1.5,
-                                                  on_retry=lambda a, b: retries.append((a, b)))
+    policy = CapacityPolicy(initial=4, maximum=12, growth=1.5)
+    s2, m2, cap = trainer.train_step_with_retry(step, s1, batch, 4, policy,
+                                                on_retry=lambda a, b: retries.append((a, b)))
     assert retries == [(4, 6), (6, 9)] and cap == 9
     assert int(s2.step) == 1 and not m2["overflow"]
     assert float(m2["loss"]) == float(ref_m["loss"])
     jax.tree.map(np.testing.assert_array_equal, _params(s2), _params(ref_state))
-    with pytest.raises(train_lib.CapacityError, match="full length"):
-        train_lib.grow_capacity(12, 12)
+    with pytest.raises(CapacityOverflowError, match="full length"):
+        policy.grow(12)
 
 
 def test_non_finite_loss_is_not_applied_and_raises(setup):

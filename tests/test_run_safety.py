@@ -190,7 +190,7 @@ def test_check_writable(tmp_path):
     ("train", "log_every", 0, "train.log_every must be a positive integer"),
     ("checkpoint", "every_steps", 0, "checkpoint.every_steps must be a positive integer"),
     ("train", "grad_accum_steps", 3, "not divisible by train.grad_accum_steps=3"),
-    ("train", "compute_dtype", "float16", "train.compute_dtype must be"),
+    ("train", "capacity_growth", 1.0, "train.capacity_growth must be > 1"),
     ("train", "eval_batches", 0, "train.eval_batches must be a positive integer"),
 ])
 def test_check_training_config(section, field, value, expect):

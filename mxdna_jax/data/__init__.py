@@ -9,7 +9,7 @@ from mxdna_jax.data.fasta import (
     parse_fasta,
     unigram_entropy,
 )
-from mxdna_jax.data.masking import IGNORE_INDEX, mask_tokens
+from mxdna_jax.data.masking import mask_tokens
 from mxdna_jax.data.pipeline import (
     PretrainData,
     PretrainDataConfig,
@@ -23,7 +23,6 @@ from mxdna_jax.data.pipeline import (
 )
 
 __all__ = [
-    "IGNORE_INDEX",
     "FastaNotFoundError",
     "Genome",
     "PretrainData",

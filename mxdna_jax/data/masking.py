@@ -13,7 +13,6 @@ import numpy as np
 
 from mxdna_jax import vocab
 
-IGNORE_INDEX = -100  # optax/PyTorch convention: label of positions that are not predicted
 _NUC = np.asarray(vocab.NUCLEOTIDE_IDS, dtype=np.int32)
 # A, T, C, G are consecutive ids, so eligibility is a range test (np.isin costs ~30 us a call).
 _LO, _HI = int(_NUC.min()), int(_NUC.max())
@@ -30,7 +29,7 @@ def mask_tokens(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Corrupt `input_ids` (..., L); returns (masked input_ids, labels), both int32.
 
-    labels hold the original id at selected positions and IGNORE_INDEX elsewhere. Every row
+    labels hold the original id at selected positions and vocab.IGNORE_LABEL elsewhere. Every row
     with at least one eligible position gets at least one selected position, so a short
     window never yields a loss with an empty denominator.
     """
@@ -62,5 +61,5 @@ def mask_tokens(
     out = ids2.copy()
     out[to_mask] = vocab.MASK
     out[to_random] = _NUC[rng.integers(0, _NUC.size, size=int(to_random.sum()))]
-    labels = np.where(selected, ids2, IGNORE_INDEX).astype(np.int32)
+    labels = np.where(selected, ids2, vocab.IGNORE_LABEL).astype(np.int32)
     return out.reshape(shape), labels.reshape(shape)

@@ -23,7 +23,6 @@ import numpy as np
 
 from mxdna_jax import vocab
 from mxdna_jax.data.fasta import Genome, open_genome
-from mxdna_jax.data.masking import mask_tokens
 
 TRAIN_STREAM, VAL_STREAM, EVAL_STREAM = 0, 1, 2
 _ENDLESS_STEPS = 2**40  # "infinite" training stream; MapDataset needs a length
@@ -180,25 +179,26 @@ class WindowSampler:
 
 
 class MakeExample:
-    """Global element index -> one unbatched example dict (picklable, for grain workers)."""
+    """Global element index -> one unbatched example dict (picklable, for grain workers): a
+    window, its strand, then the objective's transform (MLM masking by default)."""
 
-    def __init__(self, sampler: WindowSampler, cfg: PretrainDataConfig, seed: int, stream: int):
+    def __init__(self, sampler: WindowSampler, cfg: PretrainDataConfig, seed: int, stream: int, objective=None):
         self.sampler, self.cfg, self.seed, self.stream = sampler, cfg, seed, stream
+        self.objective = objective if objective is not None else _default_objective(cfg)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        cfg = self.cfg
         rng = element_rng(self.seed, self.stream, index)
         _, win = self.sampler.sample(rng)
-        if rng.random() < cfg.rc_prob:
+        if rng.random() < self.cfg.rc_prob:
             win = vocab.reverse_complement_ids(win)
         tokens = np.concatenate([[vocab.CLS], win, [vocab.SEP]]).astype(np.int32)
-        ids, labels = mask_tokens(
-            tokens, rng, mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
-            random_token_frac=cfg.random_token_frac,
-        )
-        out = vocab.make_masks(ids)
-        out["labels"] = labels
-        return out
+        return self.objective.example(tokens, rng)
+
+
+def _default_objective(cfg: PretrainDataConfig):
+    from mxdna_jax.objectives.mlm import MLM
+
+    return MLM(cfg.mask_prob, cfg.mask_token_frac, cfg.random_token_frac)
 
 
 class _LocalToGlobal:
@@ -278,12 +278,14 @@ def _stack(rows):
 class PretrainData:
     """Opens the corpus once; builds the training stream and the validation batches."""
 
-    def __init__(self, cfg: PretrainDataConfig, *, process_index: int = 0, process_count: int = 1, genome=None):
+    def __init__(self, cfg: PretrainDataConfig, *, process_index: int = 0, process_count: int = 1, genome=None,
+                 objective=None):
         if cfg.global_batch_size % process_count:
             raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by {process_count} processes")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.cfg, self.process_index, self.process_count = cfg, process_index, process_count
+        self.objective = objective if objective is not None else _default_objective(cfg)
         self.local_batch_size = cfg.global_batch_size // process_count
         self.genome = open_genome(
             genome if genome is not None else (cfg.fasta or default_corpus_paths()), drop_gaps=cfg.drop_gaps, cache_dir=cfg.cache_dir
@@ -294,12 +296,6 @@ class PretrainData:
         self.val_sampler = WindowSampler(self.genome, val, cfg.window, what="validation region", **kw) if val else None
         if cfg.val_fraction > 0 and self.val_sampler is None:
             raise ValueError(f"validation region holds no record piece of {cfg.window} nt; raise min_val_windows")
-
-    def elements(self) -> grain.MapDataset:
-        """The global training stream: element i is a pure function of (seed, i)."""
-        return grain.MapDataset.range(_ENDLESS_STEPS * self.cfg.global_batch_size).map(
-            MakeExample(self.train_sampler, self.cfg, self.cfg.seed, TRAIN_STREAM)
-        )
 
     def dataset(self, *, start_step: int = 0, num_steps: int | None = None) -> grain.IterDataset:
         """This process's batches for steps start_step, start_step+1, ...
@@ -313,7 +309,7 @@ class PretrainData:
         ds = (
             grain.MapDataset.range(start_step * b, (start_step + n) * b)
             .map(_LocalToGlobal(cfg.global_batch_size, self.process_index, self.process_count))
-            .map(MakeExample(self.train_sampler, cfg, cfg.seed, TRAIN_STREAM))
+            .map(MakeExample(self.train_sampler, cfg, cfg.seed, TRAIN_STREAM, self.objective))
             .batch(b, drop_remainder=True)
         )
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches))
@@ -330,11 +326,13 @@ class PretrainData:
         if self.val_sampler is None:
             raise ValueError("no validation region: val_fraction is 0")
         return _fixed_batches(self.val_sampler, self.cfg, self.cfg.val_seed, VAL_STREAM, n_batches,
-                              batch_size or self.cfg.global_batch_size, self.process_index, self.process_count)
+                              batch_size or self.cfg.global_batch_size, self.process_index, self.process_count,
+                              objective=self.objective)
 
 
-def _fixed_batches(sampler, cfg, seed, stream, n_batches, global_batch_size, process_index=0, process_count=1):
-    make = MakeExample(sampler, cfg, seed, stream)
+def _fixed_batches(sampler, cfg, seed, stream, n_batches, global_batch_size, process_index=0, process_count=1,
+                   objective=None):
+    make = MakeExample(sampler, cfg, seed, stream, objective)
     return [
         _stack([make(int(g)) for g in process_element_indices(s, global_batch_size, process_index, process_count)])
         for s in range(n_batches)

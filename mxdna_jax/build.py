@@ -1,0 +1,53 @@
+"""One function from a config to what a run needs: the model (its config and head), the
+objective (example transform + loss) and the compact-capacity policy — nanodo's
+`get_model_and_loss`. train.py, eval.py, the benchmarks and the tests all build through it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from mxdna_jax import cli, heads, objectives
+from mxdna_jax.capacity import CapacityPolicy
+from mxdna_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    model_config: ModelConfig
+    objective: objectives.Objective
+    seed: int = 0
+    capacity_growth: float = 1.5
+
+    @property
+    def head(self) -> str:
+        return self.objective.head
+
+    def model_ctor(self):
+        """A no-argument constructor (train_lib builds it abstractly and inside jit)."""
+        return functools.partial(heads.build_model, self.model_config, self.head, seed=self.seed)
+
+    def loss_fn(self, model, batch, rng, *, token_capacity=None):
+        return self.objective.loss(model, batch, rng, token_capacity=token_capacity)
+
+    def capacity(self, length: int) -> CapacityPolicy:
+        """The token-capacity policy at padded length `length` (incl. [CLS]/[SEP])."""
+        return CapacityPolicy.for_model(self.model_config, length, growth=self.capacity_growth)
+
+
+def model_config(config) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(dict(config.model))
+    except (TypeError, ValueError) as e:
+        raise cli.UserError(f"model config: {cli.one_line(e)}") from None
+
+
+def build(config) -> Experiment:
+    """The experiment a train.py-shaped ConfigDict describes (UserError naming a bad field)."""
+    name = str(config.get("objective", "mlm"))
+    try:
+        objective = objectives.get(name, config)
+    except ValueError as e:
+        raise cli.UserError(f"objective: {cli.one_line(e)}") from None
+    return Experiment(model_config(config), objective, seed=int(config.train.seed),
+                      capacity_growth=float(config.train.get("capacity_growth", 1.5)))
