@@ -147,6 +147,26 @@ def load_official_state_dict(path: str | pathlib.Path, prefix: str = "") -> dict
     return sd
 
 
+def official_to_ours(state_dict: Mapping[str, np.ndarray], rules, param_paths) -> dict[tuple, tuple[str, np.ndarray]]:
+    """{our param path: (official name, float32 value in our layout)} for every rule; per-expert
+    tensors (a rule path ending in the expert index) whose parent path is one of `param_paths`
+    (the model's params) are stacked into that one param."""
+    missing = [name for name, *_ in rules if name not in state_dict]
+    if missing:
+        raise KeyError(f"{len(missing)} official tensors missing, e.g. {missing[:5]}")
+    out: dict[tuple, tuple[str, np.ndarray]] = {}
+    grouped: dict[tuple, dict[int, np.ndarray]] = {}
+    for name, path, to_ours, _ in rules:
+        value = to_ours(np.asarray(state_dict[name], dtype=np.float32))
+        if isinstance(path[-1], int) and path[:-1] in param_paths:  # one slice of a stacked-experts param
+            grouped.setdefault(path[:-1], {})[path[-1]] = value
+        else:
+            out[path] = (name, value)
+    for path, slices in grouped.items():
+        out[path] = ("experts " + "/".join(map(str, path)), np.stack([slices[i] for i in range(len(slices))]))
+    return out
+
+
 def load_into(model, state_dict: Mapping[str, np.ndarray], *, strict: bool = True, rules=None) -> None:
     """Copy official tensors into an NNX model in place (dtype follows the model's params).
 
@@ -155,24 +175,47 @@ def load_into(model, state_dict: Mapping[str, np.ndarray], *, strict: bool = Tru
     rules = rules_for(model) if rules is None else rules
     params = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(params))
-    missing = [name for name, *_ in rules if name not in state_dict]
-    if missing:
-        raise KeyError(f"{len(missing)} official tensors missing, e.g. {missing[:5]}")
+    converted = official_to_ours(state_dict, rules, flat)
     if strict:
         known = {name for name, *_ in rules}
         extra = sorted(k for k in state_dict if k not in known)
         if extra:
             raise KeyError(f"{len(extra)} official tensors have no place in {type(model).__name__}: {extra[:5]}")
-    grouped: dict[tuple, dict[int, np.ndarray]] = {}
-    for name, path, to_ours, _ in rules:
-        value = to_ours(np.asarray(state_dict[name], dtype=np.float32))
-        if isinstance(path[-1], int) and path[:-1] in flat:  # one slice of a stacked-experts param
-            grouped.setdefault(path[:-1], {})[path[-1]] = value
-            continue
+    for path, (name, value) in converted.items():
         _assign(flat, path, value, name)
-    for path, slices in grouped.items():
-        _assign(flat, path, np.stack([slices[i] for i in range(len(slices))]), "experts " + "/".join(map(str, path)))
     nnx.update(model, params)
+
+
+def official_params(path: str | pathlib.Path, config: Mapping | str | pathlib.Path | None = None, *,
+                    prefix: str = "") -> dict[str, np.ndarray]:
+    """Official weights as our flat params {'model/embed': array} without building a model (for
+    `params_io.load_matching`, e.g. a warm start): the masked-LM, classifier or backbone-only
+    names, whichever the file holds. `config`: the official config.json (default: beside it)."""
+    from mxdna_jax import model as m
+
+    path = pathlib.Path(path)
+    sd = load_official_state_dict(path, prefix)
+    cfg = ModelConfig.from_official(_official_config(path, config))
+    if "lm_head.dense.weight" in sd:
+        cls = m.MxDNAForMaskedLM
+    elif "task_head.dense.weight" in sd:
+        cls = m.MxDNAForSequenceClassification
+    else:
+        cls = m.MxDNAForTokenExtraction
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))  # the param paths, nothing allocated
+    converted = official_to_ours(sd, rules_for(abstract), dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param))))
+    return {"/".join(map(str, p)): value for p, (_, value) in converted.items()}
+
+
+def _official_config(weights: pathlib.Path, config) -> Mapping:
+    if config is None:
+        config = weights.with_name("config.json")
+    if isinstance(config, Mapping):
+        return config
+    config = pathlib.Path(config)
+    if not config.is_file():
+        raise FileNotFoundError(f"official config not found: {config} (pass the model's config.json)")
+    return json.loads(config.read_text())
 
 
 def _assign(flat, path, value, name):
@@ -208,11 +251,7 @@ def from_official(path, config: Mapping | str | pathlib.Path | None = None, *, h
     from mxdna_jax import model as m
 
     path = pathlib.Path(path)
-    if config is None:
-        config = path.with_name("config.json")
-    if not isinstance(config, Mapping):
-        config = json.loads(pathlib.Path(config).read_text())
-    cfg = ModelConfig.from_official(config, **overrides)
+    cfg = ModelConfig.from_official(_official_config(path, config), **overrides)
     cls = {"mlm": m.MxDNAForMaskedLM, "cls": m.MxDNAForSequenceClassification,
            "tokens": m.MxDNAForTokenExtraction}[head]
     model = cls(cfg, rngs=nnx.Rngs(0))

@@ -8,7 +8,9 @@
   (reusable for warm starts from any source).
 - `save_params` / `load_params`: a self-contained params directory (Orbax + model_config.json),
   what `python -m mxdna_jax.convert import` writes for an official checkpoint.
-- `load_any(path)`: whichever of the above a path is (what `convert export` takes).
+- `load_any(path)`: whichever of the above a path is (what `convert export` takes);
+  `source_params(path)`: the params of any of them, or of official weights, as a flat numpy dict
+  (what a warm start feeds to `load_matching`).
 """
 
 from __future__ import annotations
@@ -242,22 +244,57 @@ def load_from_workdir(workdir, *, step_dir=None, head: str = "mlm", allow_unveri
     return LoadedCheckpoint(model, step, report, step_dir)
 
 
-def load_any(source, *, head: str = "mlm", allow_unverified: bool = False, **overrides) -> LoadedCheckpoint:
-    """A trained model from any of: a params dir (model_config.json, from `convert import`), a
-    train.py workdir (its newest verified step) or one of its step dirs (WORKDIR/checkpoints/STEP).
-    `head` applies to train.py checkpoints (a params dir knows its own); `.step` is -1 for a
-    params dir."""
+def source_kind(source) -> str:
+    """What a trained-model path is: 'official' (.safetensors/.npz weights, config.json beside),
+    'params_dir' (model_config.json, from `convert import`), 'workdir' (train.py: config.json +
+    checkpoints/) or 'step_dir' (WORKDIR/checkpoints/STEP). cli.UserError for anything else."""
     src = pathlib.Path(source).absolute()
     if not src.exists():
         raise FileNotFoundError(f"{src} not found")
+    if src.is_file() and src.suffix in (".safetensors", ".npz"):
+        return "official"
     if (src / "model_config.json").is_file():
+        return "params_dir"
+    if (src / "config.json").is_file() and (src / "checkpoints").is_dir():
+        return "workdir"
+    if src.parent.name == "checkpoints" and (src.parent.parent / "config.json").is_file():
+        return "step_dir"
+    raise UserError(f"{src} is neither official weights (.safetensors/.npz), a params directory "
+                    "(model_config.json), a train.py workdir (config.json + checkpoints/) nor a checkpoint "
+                    "step directory (WORKDIR/checkpoints/STEP)")
+
+
+def source_params(source, *, allow_unverified: bool = False) -> dict[str, np.ndarray]:
+    """Flat {'model/embed': array} params of any trained-model path (see `source_kind`), for
+    `load_matching` (warm starts): a workdir gives its newest verified step, a step dir that step
+    (verified), official weights their masked-LM/classifier/backbone tensors under our names."""
+    src = pathlib.Path(source).absolute()
+    kind = source_kind(src)
+    if kind == "official":
+        from mxdna_jax import convert
+
+        return convert.official_params(src)
+    if kind == "params_dir":
+        return flatten_params(read_array_tree(src / "params"))
+    if kind == "workdir":
+        return flatten_params(newest_verified_params(src, allow_unverified=allow_unverified)[2])
+    return flatten_params(verified_params(src, allow_unverified=allow_unverified))
+
+
+def load_any(source, *, head: str = "mlm", allow_unverified: bool = False, **overrides) -> LoadedCheckpoint:
+    """A trained model from a params dir, a train.py workdir (its newest verified step) or one of
+    its step dirs (see `source_kind`; official weights: `convert.from_official`). `head` applies to
+    train.py checkpoints (a params dir knows its own); `.step` is -1 for a params dir."""
+    src = pathlib.Path(source).absolute()
+    kind = source_kind(src)
+    if kind == "params_dir":
         model = load_params(src, **overrides)
         names = sorted("/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
         return LoadedCheckpoint(model, -1, LoadReport(names, [], []), src)
-    if (src / "config.json").is_file() and (src / "checkpoints").is_dir():
+    if kind == "workdir":
         return load_from_workdir(src, head=head, allow_unverified=allow_unverified, **overrides)
-    if src.parent.name == "checkpoints" and (src.parent.parent / "config.json").is_file():
+    if kind == "step_dir":
         return load_from_workdir(src.parent.parent, step_dir=src, head=head, allow_unverified=allow_unverified,
                                  **overrides)
-    raise UserError(f"{src} is neither a params directory (model_config.json), a train.py workdir "
-                    "(config.json + checkpoints/) nor a checkpoint step directory (WORKDIR/checkpoints/STEP)")
+    raise UserError(f"{src}: official weights are loaded with convert.from_official (or `convert import`), "
+                    "not exported again")

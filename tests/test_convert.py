@@ -114,14 +114,41 @@ def test_export_accepts_a_workdir_a_step_dir_and_a_params_dir(tmp_path, capsys):
     np.testing.assert_array_equal(_flat(convert.from_official(tmp_path / "c" / "model.safetensors"))["model/embed"],
                                   saved[2]["model/embed"])
 
+    # The same sources as warm-start params (flat, our names), official weights included.
+    for source, step in ((wd, 2), (wd / "checkpoints" / "1", 1), (tmp_path / "pdir", 2),
+                         (tmp_path / "a" / "model.safetensors", 2)):
+        got = params_io.source_params(source)
+        assert got.keys() == saved[step].keys(), source
+        for k in got:
+            np.testing.assert_array_equal(got[k], saved[step][k], err_msg=f"{source}: {k}")
+
 
 def test_export_bad_sources_exit_2_and_write_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "o" / "model.safetensors"
-    for source, expect in ((tmp_path / "nope", "not found"), (tmp_path / "empty", "is neither a params directory")):
+    for source, expect in ((tmp_path / "nope", "not found"), (tmp_path / "empty", "is neither official weights")):
         assert convert.main(["export", str(source), str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expect in err and err.count("\n") == 1, err
     assert convert.main(["export", str(tmp_path / "empty"), str(tmp_path / "model.bin")]) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
     assert not out.parent.exists() and not (tmp_path / "model.bin").exists()
+
+
+def test_official_params_match_from_official(fx, tmp_path):
+    from safetensors.numpy import save_file
+
+    sd = official_sd(fx)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(str(fx["config_json"]))
+    want = _flat(convert.from_official(tmp_path / "model.safetensors"))
+    got = convert.official_params(tmp_path / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    backbone_only = {k: v for k, v in sd.items() if k.startswith("model.")}
+    save_file(backbone_only, str(tmp_path / "backbone.safetensors"))
+    got = convert.official_params(tmp_path / "backbone.safetensors")
+    assert got.keys() == {k for k in want if k.startswith("model/")}
+    with pytest.raises(FileNotFoundError, match="official config not found"):
+        convert.official_params(tmp_path / "model.safetensors", tmp_path / "nope.json")
