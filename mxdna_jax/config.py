@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from mxdna_jax import vocab
+from mxdna_jax import tokenizers, vocab
 
 Mode = Literal["original", "compact"]
 
@@ -46,6 +46,17 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Rematerialise each transformer layer in the backward pass (memory for FLOPs).
     remat: bool = False
+    # The layer between nucleotide and token layers (mxdna_jax/tokenizers): 'learnt' (MxDNA),
+    # 'kmer' (non-overlapping k-mers of kmer_size), 'single' (every nucleotide a token).
+    tokenizer: str = "learnt"
+    # Components of the unit tokenizers (learnt, kmer), switchable for the paper's ablation;
+    # tokenizers without a component ignore its switch. experts=False: a unit is the mean of its
+    # nucleotide states (no expert params); deformable=False: a unit's token state is its
+    # embedded centre row (no deformable params); jitter=False: no router jitter, even in training.
+    experts: bool = True
+    deformable: bool = True
+    jitter: bool = True
+    kmer_size: int = 6
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -62,6 +73,12 @@ class ModelConfig:
             raise ValueError(f"expert_kernel_sizes must be 1..E, got {self.expert_kernel_sizes}")
         if self.deformable_kernel_size != 3:
             raise ValueError("only deformable_kernel_size=3 is implemented (as in the official model)")
+        tokenizers.check_name(self.tokenizer)
+        for name in ("experts", "deformable", "jitter"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.kmer_size, bool) or not isinstance(self.kmer_size, int) or self.kmer_size < 1:
+            raise ValueError(f"kmer_size must be a positive integer, got {self.kmer_size!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -73,10 +90,6 @@ class ModelConfig:
     @property
     def num_experts(self) -> int:
         return len(self.expert_kernel_sizes)
-
-    @property
-    def max_kernel(self) -> int:
-        return max(self.expert_kernel_sizes)
 
     def expert_groups(self) -> tuple[int, ...]:
         return tuple(expert_conv_groups(self.hidden_size, k) for k in self.expert_kernel_sizes)
@@ -135,8 +148,16 @@ class ModelConfig:
         kw.update(overrides)
         return cls(**kw)
 
+    @property
+    def is_official_layout(self) -> bool:
+        """Whether the params are those of the official checkpoint (full learnt tokenizer)."""
+        return self.tokenizer == "learnt" and self.experts and self.deformable
+
     def to_official(self) -> dict[str, Any]:
         """The official config.json kwargs for these weights."""
+        if not self.is_official_layout:
+            raise ValueError(f"no official MxDNA config for tokenizer={self.tokenizer!r}, experts={self.experts}, "
+                             f"deformable={self.deformable} (only the full learnt tokenizer has one)")
         return {
             "model_type": "mxdna",
             "vocab_size": self.vocab_size,
@@ -154,7 +175,7 @@ class ModelConfig:
             "num_experts_per_tok": 1,
             "expert_kernel_sizes": list(self.expert_kernel_sizes),
             "deformable_conv_kernel_size": self.deformable_kernel_size,
-            "router_jitter_noise": self.router_jitter_noise,
+            "router_jitter_noise": self.router_jitter_noise if self.jitter else 0.0,
             "router_aux_loss_coef": self.router_aux_loss_coef,
             "num_motif_groups": 1,
             "num_labels": self.num_labels,

@@ -4,7 +4,9 @@ Shape letters (defined once here and in mxdna_jax/ops/__init__.py):
   B batch, L nucleotide length incl. [CLS]/[SEP] and padding, T token rows (L in 'original'
   mode, the static capacity in 'compact' mode), D hidden, E experts, V vocabulary, C labels.
 
-nucleotides -> embed -> nucleotide layers -> learnt tokenization -> token layers -> final LN.
+nucleotides -> embed -> nucleotide layers -> tokenizer -> token layers -> final LN.
+The tokenizer (`cfg.tokenizer`, built by mxdna_jax.tokenizers.build_tokenizer) is read only
+through its output interface (tokenizers/base.py); nothing here asks which one it is.
 RoPE positions are nucleotide row indices everywhere, also for tokens (their unit centres).
 """
 
@@ -20,7 +22,8 @@ from mxdna_jax import vocab
 from mxdna_jax.config import ModelConfig
 from mxdna_jax.layers import CrossDecoderLayer, Dense, EncoderLayer, LayerNorm, param, trunc_normal
 from mxdna_jax.ops.rope import rope_tables
-from mxdna_jax.tokenization import LearntTokenization, gather_rows
+from mxdna_jax.tokenizers import build_tokenizer
+from mxdna_jax.tokenizers.base import gather_rows
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -30,10 +33,10 @@ class BackboneOutput(NamedTuple):
     token_hidden: jax.Array  # (B, T, D) final-normed token states
     token_positions: jax.Array  # (B, T) nucleotide index of each token row
     token_mask: jax.Array  # (B, T) 1 at valid token rows ([CLS], centres, [SEP])
-    router_logits: jax.Array  # (B, L, E)
-    center: jax.Array  # (B, L)
+    router_logits: jax.Array | None  # (B, L, E); None when the tokenizer has no router
+    center: jax.Array  # (B, L) unit encoding (tokenizers/base.py)
     all: jax.Array  # (B, L)
-    aux_loss: jax.Array  # ()
+    aux_loss: jax.Array  # () fp32, 0 for fixed tokenizers
     overflow: jax.Array  # () bool: compact capacity exceeded; outputs are then invalid
     intermediates: dict[str, Any]
 
@@ -56,7 +59,8 @@ class MxDNAModel(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
         self.embed = param(rngs, trunc_normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
         self.nucleotide_layers = nnx.List([EncoderLayer(cfg, **kw) for _ in range(cfg.num_nucleotide_layers)])
-        self.tokenization = LearntTokenization(cfg, **kw)
+        # named `tokenization` whatever the kind: the learnt layer's params are model.tokenization.*
+        self.tokenization = build_tokenizer(cfg, **kw)
         self.token_layers = nnx.List([EncoderLayer(cfg, **kw) for _ in range(cfg.num_token_layers)])
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=pdt, dtype=dtype)
         self.dtype = dtype
@@ -77,7 +81,9 @@ class MxDNAModel(nnx.Module):
         sm = derive_special_mask(input_ids) if special_tokens_mask is None else special_tokens_mask.astype(jnp.int32)
         inter: dict[str, Any] = {}
         sow = inter.__setitem__ if capture else None
-        if jitter is None and jitter_key is not None and cfg.router_jitter_noise > 0:
+        if not self.tokenization.uses_jitter:
+            jitter = None  # no router, or jitter switched off: no noise even when one is passed
+        elif jitter is None and jitter_key is not None and cfg.router_jitter_noise > 0:
             jitter = make_jitter(jitter_key, (B, L, cfg.hidden_size), cfg.router_jitter_noise)
 
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
@@ -98,7 +104,8 @@ class MxDNAModel(nnx.Module):
         # in compact mode the token-row states have another layout (B, T, D): other names
         prefix = "" if capacity is None else "compact_"
         if capture:
-            inter["router_logits"] = tok.router_logits
+            if tok.router_logits is not None:
+                inter["router_logits"] = tok.router_logits
             inter["nms_center"], inter["nms_all"] = tok.center, tok.all
             inter[prefix + "conversion_output"] = tok.hidden
         t = tok.hidden

@@ -120,12 +120,15 @@ def conv_experts(x_BLD, center_BL, all_BL, unit_center_BL, tap_BL, probs_BLE, pa
 
     params: dict with 'pre' (E, D, 2D), 'conv' (list of E arrays (k, g, D/g, D/g)),
     'norm_scale', 'norm_bias' (E, D), 'post' (E, D, D).
+    probs_BLE: the router's probabilities; None weights every unit 1 (fixed unit selectors
+    have no router).
     """
     chex.assert_rank(x_BLD, 3)
     B, L, D = x_BLD.shape
-    E = probs_BLE.shape[-1]
+    E = params["pre"].shape[0]
     chex.assert_shape([center_BL, all_BL, unit_center_BL, tap_BL], (B, L))
-    chex.assert_shape(probs_BLE, (B, L, E))
+    if probs_BLE is not None:
+        chex.assert_shape(probs_BLE, (B, L, E))
     chex.assert_shape(params["pre"], (E, D, 2 * D))
     M = B * L
     x_MD = x_BLD.reshape(M, D)
@@ -148,8 +151,10 @@ def conv_experts(x_BLD, center_BL, all_BL, unit_center_BL, tap_BL, probs_BLE, pa
         out_MD = _dense_apply(unit_fns, center_M, (c_MD,))
     else:
         out_MD = tiled_apply(unit_fns, center_M, (c_MD,), D, x_MD.dtype, tile)
-    p_M = jnp.take_along_axis(probs_BLE.reshape(M, E), jnp.clip(center_M, 0, E - 1)[:, None], axis=1)[:, 0]
-    moe_MD = jnp.where((center_M >= 0)[:, None], out_MD * p_M[:, None].astype(out_MD.dtype), 0)
+    if probs_BLE is not None:
+        p_M = jnp.take_along_axis(probs_BLE.reshape(M, E), jnp.clip(center_M, 0, E - 1)[:, None], axis=1)[:, 0]
+        out_MD = out_MD * p_M[:, None].astype(out_MD.dtype)
+    moe_MD = jnp.where((center_M >= 0)[:, None], out_MD, 0)
     return moe_MD.reshape(B, L, D)
 
 

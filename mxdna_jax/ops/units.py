@@ -1,0 +1,51 @@
+"""Fixed unit selection and parameter-free unit pooling, in the NMS unit encoding.
+
+The encoding (see nms.py): center_BL = e at each unit centre, -1 elsewhere; all_BL = e at every
+position the unit covers, where e = unit length - 1 (expert e has kernel size e + 1). A unit
+of length k starting at s has its centre at s + k // 2, as the NMS places it.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+
+
+def fixed_units(attention_mask_BL, k: int):
+    """Non-overlapping k-mers tiling the window [1, n - 1) from its start; the last may be shorter.
+
+    The window is the one the NMS fills (valid_candidates): [CLS] at 0, [SEP] at n - 1 and the
+    padding after it are never covered. Returns (center_BL, all_BL), int32.
+    """
+    chex.assert_rank(attention_mask_BL, 2)
+    if k < 1:
+        raise ValueError(f"unit length must be >= 1, got {k}")
+    B, L = attention_mask_BL.shape
+    n_B1 = attention_mask_BL.astype(jnp.int32).sum(axis=1, keepdims=True)
+    pos = jnp.arange(L, dtype=jnp.int32)[None, :]
+    inside = (pos >= 1) & (pos < n_B1 - 1)
+    start = 1 + ((pos - 1) // k) * k
+    length = jnp.minimum(start + k, n_B1 - 1) - start
+    e = length - 1
+    all_BL = jnp.where(inside, e, -1)
+    center_BL = jnp.where(inside & (pos == start + length // 2), e, -1)
+    return center_BL.astype(jnp.int32), all_BL.astype(jnp.int32)
+
+
+def unit_mean(x_BLD, unit_center_BL, center_BL):
+    """(B, L, D): the mean of x over each unit, at the unit's centre row; 0 elsewhere.
+
+    unit_center_BL (from nms.unit_layout) names, per covered position, the row of its unit's
+    centre; sums accumulate in fp32.
+    """
+    chex.assert_rank(x_BLD, 3)
+    B, L, D = x_BLD.shape
+    chex.assert_shape([unit_center_BL, center_BL], (B, L))
+    M = B * L
+    offsets = (jnp.arange(B, dtype=jnp.int32) * L)[:, None]
+    row_M = jnp.where(unit_center_BL >= 0, unit_center_BL + offsets, M).reshape(M)
+    sum_MD = jnp.zeros((M, D), jnp.float32).at[row_M].add(x_BLD.reshape(M, D).astype(jnp.float32), mode="drop")
+    count_M = jnp.zeros((M,), jnp.float32).at[row_M].add(1.0, mode="drop")
+    mean_MD = sum_MD / jnp.maximum(count_M, 1.0)[:, None]
+    is_c = (center_BL >= 0).reshape(M)[:, None]
+    return jnp.where(is_c, mean_MD, 0).astype(x_BLD.dtype).reshape(B, L, D)
