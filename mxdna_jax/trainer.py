@@ -148,7 +148,10 @@ def warm_start(state: TrainState, graphdef, source: str):
 
     source_params = params_io.source_params(source)
     model = nnx.merge(graphdef, state.params, state.rest)
-    report = params_io.load_matching(model, source_params)
+    try:
+        report = params_io.load_matching(model, source_params)
+    except ValueError as e:  # a same-named parameter of another shape: a different architecture
+        raise UserError(f"config.init_from={source}: {e}") from None
     if not report.loaded:
         raise UserError(f"config.init_from={source}: no parameter of this model matches the source by "
                                  "name and shape (a different architecture?)")
