@@ -53,6 +53,9 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
     workdir = cli.abspath(workdir)
     validate.check_training_config(config)
     exp = build.build(config)
+    if exp.objective.name != "mlm":
+        raise UserError(f"objective={exp.objective.name!r}: train.py pretrains on unlabelled FASTA windows, "
+                        "which only the 'mlm' objective can use")
     mc = exp.model_config
     dc = data_config(config.data)
     check_paths(dc)
