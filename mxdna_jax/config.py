@@ -51,8 +51,9 @@ class ModelConfig:
     tokenizer: str = "learnt"
     # Components of the unit tokenizers (learnt, kmer), switchable for the paper's ablation;
     # tokenizers without a component ignore its switch. experts=False: a unit is the mean of its
-    # nucleotide states (no expert params); deformable=False: a unit's token state is its
-    # embedded centre row (no deformable params); jitter=False: no router jitter, even in training.
+    # nucleotide states (no expert params; a learnt gate then learns from the aux loss alone);
+    # deformable=False: a unit's token state is its embedded centre row (no deformable params);
+    # jitter=False: no router jitter, even in training.
     experts: bool = True
     deformable: bool = True
     jitter: bool = True

@@ -20,7 +20,7 @@ def fixed_units(attention_mask_BL, k: int):
     chex.assert_rank(attention_mask_BL, 2)
     if k < 1:
         raise ValueError(f"unit length must be >= 1, got {k}")
-    B, L = attention_mask_BL.shape
+    L = attention_mask_BL.shape[1]
     n_B1 = attention_mask_BL.astype(jnp.int32).sum(axis=1, keepdims=True)
     pos = jnp.arange(L, dtype=jnp.int32)[None, :]
     inside = (pos >= 1) & (pos < n_B1 - 1)

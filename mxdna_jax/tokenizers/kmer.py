@@ -23,9 +23,6 @@ class KmerTokenization(UnitTokenizer):
                            if cfg.experts else None)
         self._init_body(cfg, tuple(range(1, self.kmer_size + 1)), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def normed(self, h_BLD):
-        return None if self.input_norm is None else self.input_norm(h_BLD)
-
     def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
         center, all_ = fixed_units(attention_mask_BL, self.kmer_size)
         return Units(center, all_, None, None, zero_aux_loss())

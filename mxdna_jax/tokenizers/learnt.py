@@ -53,9 +53,6 @@ class LearntTokenization(UnitTokenizer):
             self.masked_token_embedding = param(rngs, trunc_normal, (d,), ("embed",), param_dtype)
         self._init_body(cfg, cfg.expert_kernel_sizes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def normed(self, h_BLD):
-        return self.input_norm(h_BLD)
-
     def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
         gate_in = x_BLD.astype(jnp.float32) * (1 - special_BL)[..., None].astype(jnp.float32)
         if jitter_BLD is not None:

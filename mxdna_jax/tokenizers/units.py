@@ -126,8 +126,9 @@ class UnitTokenizer(nnx.Module):
         }
 
     def normed(self, h_BLD):
-        """The input LN's output (what the gate and the experts read), None without that LN."""
-        return None
+        """The input LN's output: what a gate and the experts read. Subclasses set `input_norm`,
+        None when nothing reads it (then this is None too)."""
+        return None if self.input_norm is None else self.input_norm(h_BLD)
 
     def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
         raise NotImplementedError
