@@ -1,9 +1,16 @@
-"""Evaluate MxDNA checkpoints.
+"""Evaluate and use MxDNA checkpoints.
 
     python eval.py mlm --workdir=DIR --fasta=FILE [--checkpoint=STEP_DIR] [--batches=8] [--seed=0]
+    python eval.py embed --init_from=MODEL --fasta=in.fa --out=emb.npy [--pool=mean|cls|tokens]
+    python eval.py tokenize --init_from=MODEL --fasta=in.fa [--out=units.bed]
 
 `mlm` prints and writes (DIR/eval_mlm.json, or --out) the masked-LM loss and accuracy of the
 newest verified checkpoint of a train.py run on deterministic windows of any FASTA.
+`embed` writes one row per FASTA record, in file order (`--out`, plus OUT.ids.txt with the record
+ids; `--pool=tokens` writes an .npz of every unit token with offsets). `tokenize` writes each
+record's learnt units as BED-like lines `record  start  end  length` (0-based, end exclusive).
+MODEL is a train.py workdir (newest verified checkpoint), a step dir, a params dir or official
+weights (.safetensors with its config.json).
 
 Exit codes: 0 success; 2 bad input (flags, workdir, FASTA, a damaged or unverifiable checkpoint),
 reported as one `error: ...` line; 1 an unexpected error (a bug: the traceback is printed).
@@ -26,7 +33,10 @@ _BATCHES = flags.DEFINE_integer("batches", 8, "number of batches")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "windows per batch")
 _WINDOW = flags.DEFINE_integer("window", None, "nucleotides per window (default: the run's window)")
 _SEED = flags.DEFINE_integer("seed", 0, "window and masking seed")
-_OUT = flags.DEFINE_string("out", None, "output JSON (default: WORKDIR/eval_mlm.json)")
+_OUT = flags.DEFINE_string("out", None, "output file (mlm: default WORKDIR/eval_mlm.json)")
+_INIT = flags.DEFINE_string("init_from", None, "embed/tokenize: the trained model (workdir, step dir, params dir "
+                            "or official .safetensors)")
+_POOL = flags.DEFINE_enum("pool", "mean", ["mean", "cls", "tokens"], "embed: pooling of the token states")
 
 
 def _paths() -> dict[str, str | None]:
@@ -100,13 +110,80 @@ def eval_mlm() -> dict:
     return result
 
 
+def _fasta_records(path: str):
+    """(names, sequences as id arrays) of a FASTA(.gz), file order."""
+    import numpy as np
+
+    from mxdna_jax.data.fasta import parse_fasta
+
+    ids, names, lengths = parse_fasta(path)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return names, [ids[a:b].astype(np.int32) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _model_and_records(need_out: bool):
+    _check_counts()
+    init, fasta, out = cli.abspath(_INIT.value), cli.abspath(_FASTA.value), cli.abspath(_OUT.value)
+    if not init or not fasta:
+        raise cli.UserError("needs --init_from (a trained model) and --fasta")
+    if not os.path.isfile(fasta):
+        raise cli.UserError(f"FASTA file not found: {fasta}")
+    if need_out and not out:
+        raise cli.UserError("embed needs --out (e.g. --out=emb.npy)")
+    if out and not os.path.isdir(os.path.dirname(out)):
+        raise cli.UserError(f"--out {out}: directory {os.path.dirname(out)} does not exist")
+    from mxdna_jax.evaluation.loading import load_model
+
+    names, seqs = _fasta_records(fasta)  # parse first: a bad FASTA fails before a model is loaded
+    return load_model(init, head="tokens"), names, seqs, out
+
+
+def eval_embed() -> None:
+    import numpy as np
+    from tqdm import tqdm
+
+    from mxdna_jax.evaluation.embed import embed
+
+    model, names, seqs, out = _model_and_records(need_out=True)
+    with tqdm(total=len(seqs), unit="seq", desc="embed") as bar:
+        emb = embed(model, seqs, pool=_POOL.value, batch_size=_BATCH_SIZE.value, names=names, progress=bar.update)
+    base = out[:-4] if out.endswith((".npy", ".npz")) else out
+    if _POOL.value == "tokens":
+        out = base + ".npz"
+        np.savez(out, embeddings=emb.embeddings, offsets=emb.offsets, positions=emb.positions)
+        shape = emb.embeddings.shape
+    else:
+        np.save(out, emb)
+        shape = emb.shape
+    with open(base + ".ids.txt", "w") as f:
+        f.write("\n".join(names) + "\n")
+    print(f"{len(names)} records -> {out} {shape} ({_POOL.value} pooling), ids in {base}.ids.txt")
+
+
+def eval_tokenize() -> None:
+    from mxdna_jax.evaluation.embed import learnt_units
+
+    model, names, seqs, out = _model_and_records(need_out=False)
+    units = learnt_units(model, seqs, batch_size=_BATCH_SIZE.value, names=names)
+    lines = [f"{n}\t{a}\t{a + k}\t{k}" for n, us in zip(names, units) for a, k in us]
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+        n_units = len(lines)
+        n_nt = sum(len(s) for s in seqs)
+        print(f"{len(names)} records, {n_units} units (mean {n_nt / max(n_units, 1):.2f} nt) -> {out}")
+    else:
+        sys.stdout.write(text)
+
+
 def main(argv):
     from absl import logging as absl_logging
 
     from mxdna_jax.checkpoint import CorruptCheckpointError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
-    commands = {"mlm": eval_mlm}
+    commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize}
     if len(argv) != 2 or argv[1] not in commands:
         return cli.fail(f"usage: eval.py {{{','.join(commands)}}} [flags]; got {argv[1:]}", cli.EXIT_BAD_INPUT)
     try:

@@ -116,13 +116,28 @@ def describe_changes(changes: list[dict[str, Any]]) -> str:
     return ", ".join(f"{c['field']}: {c['saved']!r} -> {c['now']!r}" for c in changes)
 
 
+def _with_model_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config whose model section predates a ModelConfig field gets that field's default
+    (what the run was, in effect, trained with), so a new field never blocks resuming."""
+    import dataclasses
+
+    from mxdna_jax.config import ModelConfig
+
+    if "model" not in saved:
+        return dict(saved)
+    defaults = {f.name: getattr(ModelConfig(), f.name) for f in dataclasses.fields(ModelConfig)}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    model = dict(saved["model"])
+    return {**saved, "model": {**{k: v for k, v in defaults.items() if k not in model}, **model}}
+
+
 def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, workdir: str,
                         allow_change: bool) -> list[dict[str, Any]]:
     """The changes to record when resuming with `current` a run trained with `saved` (the
     checkpoint's own copy). Model changes always fail; others fail unless `allow_change`."""
     if not saved:
         return []
-    changes = config_changes(saved, current)
+    changes = config_changes(_with_model_defaults(saved), _with_model_defaults(current))
     strict = [c for c in changes if c["field"].split(".", 1)[0] in STRICT_SECTIONS]
     if strict:
         raise UserError(f"{workdir} holds checkpoints of a different model config ({describe_changes(strict)}); "

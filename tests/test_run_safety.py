@@ -211,3 +211,15 @@ def test_check_mesh():
     c.data["global_batch_size"] = 12
     with pytest.raises(cli.UserError, match="global_batch_size=12 is not divisible by the 8 batch shards"):
         validate.check_mesh(c, jax.devices())
+
+
+def test_resume_config_from_before_a_new_model_field():
+    """A checkpoint whose saved model section lacks a field added later resumes (the default is
+    what it was trained with); a real difference is still refused."""
+    cur = {"model": {"hidden_size": 16, "tokenizer": "learnt"}, "train": {"lr": 0.1}}
+    assert validate.check_resume_config({"model": {"hidden_size": 16}, "train": {"lr": 0.1}}, cur, workdir="w",
+                                        allow_change=False) == []
+    with pytest.raises(cli.UserError, match="model.tokenizer: 'learnt' -> 'single'"):
+        validate.check_resume_config({"model": {"hidden_size": 16}, "train": {"lr": 0.1}},
+                                     {**cur, "model": {"hidden_size": 16, "tokenizer": "single"}}, workdir="w",
+                                     allow_change=True)

@@ -1,0 +1,1 @@
+"""Evaluation: classification metrics, fine-tuning on labelled tasks, embeddings, plots."""

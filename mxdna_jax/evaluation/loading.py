@@ -1,0 +1,25 @@
+"""A trained model with the head an evaluation needs, from any trained-model path."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from mxdna_jax import heads, params_io
+
+
+def load_model(source: str, head: str = "tokens"):
+    """`head` model from a train.py workdir (newest verified step), a step dir, a params dir or
+    official weights (.safetensors/.npz with config.json beside). Parameters the source lacks
+    (e.g. a classifier head) are fresh and logged. Official weights load batch-independent (a
+    sequence's outputs never depend on its batch-mates, quirk Q2), in compact mode."""
+    kind = params_io.source_kind(source)
+    if kind == "official":
+        from mxdna_jax import convert
+
+        return convert.from_official(source, head=head, mode="compact", batch_independent=True)
+    model = params_io.load_any(source, head=head).model
+    if heads.head_name(model) != head:  # a params dir saved with another head
+        other = heads.build_model(model.cfg, head)
+        params_io.load_matching(other, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        model = other
+    return model
