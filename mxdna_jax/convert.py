@@ -9,6 +9,9 @@ checkpoint) or one of its step directories (WORKDIR/checkpoints/STEP). Exit code
 1 `check` found keys over tolerance; 2 bad input (an unreadable or incomplete fixture, a missing
 or damaged checkpoint, an existing output), one `error:` line and nothing written.
 
+This module is the conversion library; the command line lives in `mxdna_jax.convert_cli`
+(`python -m mxdna_jax.convert` runs it). Heads are named by `mxdna_jax.heads`.
+
 No torch is needed: weights come from .safetensors or .npz (a `param/` prefix is accepted, as in
 the reference fixtures). Every official tensor name is mapped by one rule table; unmapped or
 missing names and shape mismatches raise with the offending names.
@@ -23,6 +26,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flax import nnx
 
+from mxdna_jax import heads
 from mxdna_jax.config import ModelConfig
 
 Rule = tuple[str, tuple, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
@@ -116,16 +120,16 @@ def cls_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-def rules_for(model) -> list[Rule]:
-    from mxdna_jax import model as m
+# The conversion rules of each head of the registry (mxdna_jax.heads.HEAD_NAMES).
+RULES = {"mlm": mlm_rules, "cls": cls_rules, "tokens": backbone_rules}
 
-    if isinstance(model, m.MxDNAForMaskedLM):
-        return mlm_rules(model.cfg)
-    if isinstance(model, m.MxDNAForSequenceClassification):
-        return cls_rules(model.cfg)
-    if isinstance(model, m.MxDNAForTokenExtraction):
-        return backbone_rules(model.cfg)
-    raise TypeError(f"no conversion rules for {type(model).__name__}")
+
+def rules_for(model) -> list[Rule]:
+    try:
+        head = heads.head_name(model)
+    except ValueError:
+        raise TypeError(f"no conversion rules for {type(model).__name__}") from None
+    return RULES[head](model.cfg)
 
 
 def load_official_state_dict(path: str | pathlib.Path, prefix: str = "") -> dict[str, np.ndarray]:
@@ -191,20 +195,23 @@ def official_params(path: str | pathlib.Path, config: Mapping | str | pathlib.Pa
     """Official weights as our flat params {'model/embed': array} without building a model (for
     `params_io.load_matching`, e.g. a warm start): the masked-LM, classifier or backbone-only
     names, whichever the file holds. `config`: the official config.json (default: beside it)."""
-    from mxdna_jax import model as m
-
     path = pathlib.Path(path)
     sd = load_official_state_dict(path, prefix)
     cfg = ModelConfig.from_official(_official_config(path, config))
-    if "lm_head.dense.weight" in sd:
-        cls = m.MxDNAForMaskedLM
-    elif "task_head.dense.weight" in sd:
-        cls = m.MxDNAForSequenceClassification
-    else:
-        cls = m.MxDNAForTokenExtraction
-    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))  # the param paths, nothing allocated
+    head = official_head(sd)
+    abstract = nnx.eval_shape(lambda: heads.build_model(cfg, head))  # the param paths, nothing allocated
     converted = official_to_ours(sd, rules_for(abstract), dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param))))
     return {"/".join(map(str, p)): value for p, (_, value) in converted.items()}
+
+
+def official_head(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The head (a key of mxdna_jax.heads) whose tensors an official state dict holds: 'mlm'
+    (lm_head.*), 'cls' (task_head.*) or 'tokens' (the backbone only)."""
+    if "lm_head.dense.weight" in state_dict:
+        return "mlm"
+    if "task_head.dense.weight" in state_dict:
+        return "cls"
+    return "tokens"
 
 
 def _official_config(weights: pathlib.Path, config) -> Mapping:
@@ -248,13 +255,10 @@ def from_official(path, config: Mapping | str | pathlib.Path | None = None, *, h
     weights. The returned model uses parity semantics (mode='original', batch_independent=False)
     unless overridden, e.g. `from_official('ckpt/model.safetensors', mode='compact')`.
     """
-    from mxdna_jax import model as m
-
+    heads.head_class(head)  # an unknown head fails before any file is read
     path = pathlib.Path(path)
     cfg = ModelConfig.from_official(_official_config(path, config), **overrides)
-    cls = {"mlm": m.MxDNAForMaskedLM, "cls": m.MxDNAForSequenceClassification,
-           "tokens": m.MxDNAForTokenExtraction}[head]
-    model = cls(cfg, rngs=nnx.Rngs(0))
+    model = heads.build_model(cfg, head)
     sd = load_official_state_dict(path, prefix)
     if head == "cls" and "task_head.dense.weight" not in sd:
         # a pretraining (MLM) checkpoint: take the backbone, keep the fresh classifier head
@@ -264,11 +268,7 @@ def from_official(path, config: Mapping | str | pathlib.Path | None = None, *, h
     return model
 
 
-def main(argv=None):
-    from mxdna_jax import parity
+if __name__ == "__main__":  # `python -m mxdna_jax.convert ...`: the command line is convert_cli's
+    from mxdna_jax import convert_cli
 
-    return parity.cli(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(convert_cli.main())

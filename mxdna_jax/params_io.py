@@ -26,22 +26,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mxdna_jax import checkpoint
+from mxdna_jax import checkpoint, heads
 from mxdna_jax.cli import UserError
 from mxdna_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-HEADS = {"mlm": "MxDNAForMaskedLM", "cls": "MxDNAForSequenceClassification", "tokens": "MxDNAForTokenExtraction"}
-
-
-def _build(cfg: ModelConfig, head: str):
-    from mxdna_jax import model as m
-
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
-    return getattr(m, HEADS[head])(cfg, rngs=nnx.Rngs(0))
-
 
 def _restore_params_into(model, params_dir: pathlib.Path):
     abstract = nnx.state(model, nnx.Param)
@@ -57,15 +46,15 @@ def save_params(model, out_dir) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", nnx.state(model, nnx.Param))
-    head = next(k for k, v in HEADS.items() if type(model).__name__ == v)
-    (out / "model_config.json").write_text(json.dumps({"head": head, "model": _cfg_dict(model.cfg)}, indent=1))
+    meta = {"head": heads.head_name(model), "model": _cfg_dict(model.cfg)}
+    (out / "model_config.json").write_text(json.dumps(meta, indent=1))
 
 
 def load_params(params_dir, **overrides):
     d = pathlib.Path(params_dir)
     meta = json.loads((d / "model_config.json").read_text())
     cfg = ModelConfig.from_dict({**meta["model"], **overrides})
-    return _restore_params_into(_build(cfg, meta["head"]), d / "params")
+    return _restore_params_into(heads.build_model(cfg, meta["head"]), d / "params")
 
 
 def _cfg_dict(cfg: ModelConfig) -> dict:
@@ -232,6 +221,7 @@ def load_from_workdir(workdir, *, step_dir=None, head: str = "mlm", allow_unveri
     """(model, step) from a train.py workdir: the newest verified step, or `step_dir`. Any head:
     a 'cls'/'tokens' model takes the backbone of the trained masked-LM and keeps fresh weights
     for what the checkpoint lacks (reported in `.report.fresh` and logged)."""
+    heads.head_class(head)  # an unknown head fails before the checkpoint is read
     workdir = pathlib.Path(workdir).absolute()
     cfg = workdir_model_config(workdir, **overrides)
     if step_dir is None:
@@ -239,7 +229,7 @@ def load_from_workdir(workdir, *, step_dir=None, head: str = "mlm", allow_unveri
     else:
         step_dir = pathlib.Path(step_dir).absolute()
         step, params = _step_of(step_dir), verified_params(step_dir, allow_unverified=allow_unverified)
-    model = _build(cfg, head)
+    model = heads.build_model(cfg, head)
     report = load_matching(model, params)
     return LoadedCheckpoint(model, step, report, step_dir)
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mxdna_jax import convert, parity
+from mxdna_jax import convert_cli, parity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def fixture_arrays(fixtures_dir):
 
 
 def check(path, capsys):
-    code = convert.main(["check", str(path)])
+    code = convert_cli.main(["check", str(path)])
     err = capsys.readouterr().err
     return code, err
 

@@ -12,7 +12,6 @@
 
 import json
 import logging
-import os
 import pathlib
 import re
 import subprocess
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mxdna_jax import checkpoint, params_io, sharding
+from mxdna_jax import checkpoint, heads, params_io, sharding
 from mxdna_jax.config import ModelConfig
 from mxdna_jax.model import MxDNAForMaskedLM
 
@@ -391,13 +390,13 @@ def test_load_from_workdir_unverifiable_step(workdir, caplog):
     np.testing.assert_array_equal(params_of(loaded.model)["model/embed"], saved[2]["model/embed"])
 
 
-@pytest.mark.parametrize("head", ["mlm", "cls", "tokens"])
+@pytest.mark.parametrize("head", heads.HEAD_NAMES)
 def test_every_head_loads_a_trained_mlm_checkpoint(workdir, head, caplog):
     wd, saved = workdir
     with caplog.at_level(logging.WARNING, logger="mxdna_jax.params_io"):
         loaded = params_io.load_from_workdir(wd, head=head)
     model, step = loaded
-    assert step == 2 and type(model).__name__ == params_io.HEADS[head]
+    assert step == 2 and type(model) is heads.head_class(head) and heads.head_name(model) == head
     got = params_of(model)
     backbone = [k for k in saved[2] if k.startswith("model/")]
     assert backbone and all(k in got for k in backbone)

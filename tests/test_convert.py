@@ -1,11 +1,14 @@
 """Official weights <-> our params: exact round trip, safetensors, the base config's names."""
 
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from mxdna_jax import convert, parity
+from mxdna_jax import convert, convert_cli, heads, parity
 from mxdna_jax.config import ModelConfig
 from mxdna_jax.model import MxDNAForMaskedLM, MxDNAForSequenceClassification
 
@@ -100,9 +103,9 @@ def test_export_accepts_a_workdir_a_step_dir_and_a_params_dir(tmp_path, capsys):
     wd = tmp_path / "run"
     saved = make_workdir(wd)
     # newest verified step of a workdir; then one named step; then the params dir `import` writes
-    assert convert.main(["export", str(wd), str(tmp_path / "a" / "model.safetensors")]) == 0
+    assert convert_cli.main(["export", str(wd), str(tmp_path / "a" / "model.safetensors")]) == 0
     assert "(step 2)" in capsys.readouterr().out
-    assert convert.main(["export", str(wd / "checkpoints" / "1"), str(tmp_path / "b" / "model.safetensors")]) == 0
+    assert convert_cli.main(["export", str(wd / "checkpoints" / "1"), str(tmp_path / "b" / "model.safetensors")]) == 0
     for sub, step in (("a", 2), ("b", 1)):
         m = convert.from_official(tmp_path / sub / "model.safetensors")  # config.json written beside it
         got = _flat(m)
@@ -110,7 +113,7 @@ def test_export_accepts_a_workdir_a_step_dir_and_a_params_dir(tmp_path, capsys):
         for k in got:
             np.testing.assert_array_equal(got[k], saved[step][k], err_msg=f"{sub}: {k}")
     params_io.save_params(params_io.load_from_workdir(wd).model, tmp_path / "pdir")
-    assert convert.main(["export", str(tmp_path / "pdir"), str(tmp_path / "c" / "model.safetensors")]) == 0
+    assert convert_cli.main(["export", str(tmp_path / "pdir"), str(tmp_path / "c" / "model.safetensors")]) == 0
     np.testing.assert_array_equal(_flat(convert.from_official(tmp_path / "c" / "model.safetensors"))["model/embed"],
                                   saved[2]["model/embed"])
 
@@ -127,10 +130,10 @@ def test_export_bad_sources_exit_2_and_write_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "o" / "model.safetensors"
     for source, expect in ((tmp_path / "nope", "not found"), (tmp_path / "empty", "is neither official weights")):
-        assert convert.main(["export", str(source), str(out)]) == 2
+        assert convert_cli.main(["export", str(source), str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expect in err and err.count("\n") == 1, err
-    assert convert.main(["export", str(tmp_path / "empty"), str(tmp_path / "model.bin")]) == 2
+    assert convert_cli.main(["export", str(tmp_path / "empty"), str(tmp_path / "model.bin")]) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
     assert not out.parent.exists() and not (tmp_path / "model.bin").exists()
 
@@ -152,3 +155,51 @@ def test_official_params_match_from_official(fx, tmp_path):
     assert got.keys() == {k for k in want if k.startswith("model/")}
     with pytest.raises(FileNotFoundError, match="official config not found"):
         convert.official_params(tmp_path / "model.safetensors", tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------ heads and module layout
+
+
+def test_every_registered_head_has_conversion_rules_covering_its_params():
+    assert set(convert.RULES) == set(heads.HEAD_NAMES)
+    cfg = ModelConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_nucleotide_layers=1,
+                      num_token_layers=1)
+    for head in heads.HEAD_NAMES:
+        abstract = nnx.eval_shape(lambda: heads.build_model(cfg, head))
+        flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+        assert {r[1] if r[1] in flat else r[1][:-1] for r in convert.rules_for(abstract)} == set(flat), head
+    with pytest.raises(TypeError, match="no conversion rules"):
+        convert.rules_for(object())
+
+
+def test_from_official_fresh_head_is_the_registry_seed_0_initialisation(fx, tmp_path):
+    """A classifier from an MLM checkpoint keeps exactly the head `heads.build_model(cfg, 'cls')`
+    initialises (seed 0), so conversion, params_io and train.py agree on fresh weights."""
+    from safetensors.numpy import save_file
+
+    save_file(official_sd(fx), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(str(fx["config_json"]))
+    c = convert.from_official(tmp_path / "model.safetensors", head="cls")
+    assert heads.head_name(c) == "cls"
+    fresh = _flat(heads.build_model(c.cfg, "cls"))
+    got = _flat(c)
+    head_params = [k for k in got if not k.startswith("model/")]
+    assert head_params
+    for k in head_params:
+        np.testing.assert_array_equal(got[k], fresh[k], err_msg=k)
+    with pytest.raises(ValueError, match="head must be one of"):
+        convert.from_official(tmp_path / "model.safetensors", head="lm")
+
+
+def test_library_modules_do_not_import_the_command_line():
+    """convert is a library (no parity, no CLI); parity may use convert but not the CLI;
+    `python -m mxdna_jax.convert_cli` works as well as `python -m mxdna_jax.convert`."""
+    probe = ("import sys, mxdna_jax.convert; assert 'mxdna_jax.parity' not in sys.modules; "
+             "assert 'mxdna_jax.convert_cli' not in sys.modules; import mxdna_jax.parity; "
+             "assert 'mxdna_jax.convert_cli' not in sys.modules")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "mxdna_jax.convert_cli", "import", "--help"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "{" + ",".join(heads.HEAD_NAMES) + "}" in r.stdout, r.stdout + r.stderr[-3000:]

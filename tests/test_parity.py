@@ -1,5 +1,7 @@
 """Parity with the official PyTorch MxDNA on the stored fixtures (../shared/reference)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -59,12 +61,15 @@ def test_compact_mode_matches_fixture(fixture_run, fixtures_dir):
 
 
 def test_check_cli_exit_codes(fixtures_dir, tmp_path, capsys):
-    from mxdna_jax.convert import main
+    from mxdna_jax.convert_cli import main
 
     path = fixtures_dir / "public_small_nopad.npz"
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "mlm_logits" in out and "all" in out
+    assert main(["check", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)  # the JSON table alone
+    assert rows and all(r["ok"] for r in rows) and "mlm_logits" in {r["key"] for r in rows}
     # a fixture whose stored logits were perturbed must fail the check
     z = dict(np.load(path))
     z["mlm_logits"] = z["mlm_logits"] + 1e-3
