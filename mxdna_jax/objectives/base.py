@@ -18,7 +18,7 @@ import numpy as np
 
 class Objective(Protocol):
     name: str
-    head: str  # the model head it trains: a key of mxdna_jax.heads.HEADS
+    head: str  # the model head it trains: one of mxdna_jax.heads.HEAD_NAMES
 
     def example(self, tokens_L: np.ndarray, rng: np.random.Generator, label: Any = None) -> dict[str, np.ndarray]:
         """One encoded sequence ([CLS] ... [SEP], int32) -> the example dict the loss reads."""

@@ -13,16 +13,21 @@ from mxdna_jax import vocab
 
 
 def classification_loss_fn(model, batch, jitter_key, *, token_capacity=None):
-    """(loss, metrics) of a batch with `input_ids`, `attention_mask`, `labels` (B,) int."""
+    """(loss, metrics) of a batch with `input_ids`, `attention_mask`, `labels` (B,) int.
+
+    Rows labelled IGNORE_LABEL (the padding rows that fill an eval batch to its static shape)
+    count nowhere; `where`, not a product, keeps a row with no attention (NaN logits) out."""
     logits_BC, out = model(batch["input_ids"], batch["attention_mask"], batch.get("special_tokens_mask"),
                            jitter_key=jitter_key, token_capacity=token_capacity)
     labels_B = batch["labels"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B).mean()
+    valid_B = labels_B != vocab.IGNORE_LABEL
+    n = jnp.maximum(valid_B.sum(), 1).astype(jnp.float32)
+    ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, jnp.where(valid_B, labels_B, 0))
+    ce = jnp.sum(jnp.where(valid_B, ce_B, 0.0)) / n
     loss = ce + model.cfg.router_aux_loss_coef * out.aux_loss
-    n = jnp.asarray(labels_B.shape[0], jnp.float32)
-    metrics = {"loss": loss, "ce_loss": ce, "aux_loss": out.aux_loss,
-               "accuracy": jnp.mean(logits_BC.argmax(-1) == labels_B), "loss_weight": n,
-               "overflow": out.overflow}
+    correct = jnp.sum(jnp.where(valid_B, logits_BC.argmax(-1) == labels_B, False))
+    metrics = {"loss": loss, "ce_loss": ce, "aux_loss": out.aux_loss, "accuracy": correct / n,
+               "loss_weight": valid_B.sum().astype(jnp.float32), "overflow": out.overflow}
     return loss, metrics
 
 
