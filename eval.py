@@ -3,12 +3,19 @@
     python eval.py mlm --workdir=DIR --fasta=FILE [--checkpoint=STEP_DIR] [--batches=8] [--seed=0]
     python eval.py embed --init_from=MODEL --fasta=in.fa --out=emb.npy [--pool=mean|cls|tokens]
     python eval.py tokenize --init_from=MODEL --fasta=in.fa [--out=units.bed]
+    python eval.py finetune --task=DIR[,DIR...] --workdir=OUT [--init_from=MODEL] [--config=configs/X.py]
+                            [--seeds=3] [--config.finetune.epochs=3 ...]
 
 `mlm` prints and writes (DIR/eval_mlm.json, or --out) the masked-LM loss and accuracy of the
 newest verified checkpoint of a train.py run on deterministic windows of any FASTA.
 `embed` writes one row per FASTA record, in file order (`--out`, plus OUT.ids.txt with the record
 ids; `--pool=tokens` writes an .npz of every unit token with offsets). `tokenize` writes each
 record's learnt units as BED-like lines `record  start  end  length` (0-based, end exclusive).
+`finetune` trains the [CLS] classifier on each labelled task (GUE CSV, Genomic Benchmarks folders
+or one FASTA per class), early-stopped on dev MCC, tests the best-dev parameters, repeats over
+seeds, and writes OUT/<task>/results.json|md plus OUT/results.md (one row per task). Without
+--init_from the config's model is trained from scratch; with it, the model is the source's and
+its weights are loaded (the classifier head is new).
 MODEL is a train.py workdir (newest verified checkpoint), a step dir, a params dir or official
 weights (.safetensors with its config.json).
 
@@ -23,9 +30,16 @@ import os
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from mxdna_jax import cli
 
+# the repository's configs/tiny.py wherever the command is run from
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "finetune: model and finetune settings",
+                                          lock_config=True)
+_TASK = flags.DEFINE_string("task", None, "finetune: labelled task directory (several: comma-separated)")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "finetune: repeats with seeds 0..N-1 (mean +- sample std)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir (config.json + checkpoints/)")
 _CKPT = flags.DEFINE_string("checkpoint", None, "a specific step directory (default: newest verified one)")
 _FASTA = flags.DEFINE_string("fasta", None, "FASTA(.gz) to evaluate on")
@@ -177,13 +191,48 @@ def eval_tokenize() -> None:
         sys.stdout.write(text)
 
 
+def eval_finetune() -> None:
+    import copy
+    import dataclasses
+
+    from mxdna_jax.evaluation import finetune as ft
+
+    if not _TASK.value or not _WORKDIR.value:
+        raise cli.UserError("finetune needs --task=DIR and --workdir=OUT")
+    if _SEEDS.value <= 0:
+        raise cli.UserError(f"--seeds must be > 0, got {_SEEDS.value}")
+    tasks = [cli.abspath(t.strip()) for t in _TASK.value.split(",") if t.strip()]
+    for t in tasks:
+        if not os.path.isdir(t):
+            raise cli.UserError(f"--task {t} is not a directory")
+    out, init = cli.abspath(_WORKDIR.value), cli.abspath(_INIT.value)
+    config = copy.deepcopy(_CONFIG.value)
+    if init:
+        from mxdna_jax.evaluation.loading import source_model_config
+
+        src = source_model_config(init)  # the architecture the weights belong to
+        with config.unlocked():
+            for k, v in dataclasses.asdict(src).items():
+                config.model[k] = list(v) if isinstance(v, tuple) else v
+    summaries = []
+    for t in tasks:
+        name = os.path.relpath(t, os.path.dirname(os.path.dirname(t))) if len(tasks) > 1 else os.path.basename(t)
+        summary = ft.finetune(config, t, os.path.join(out, name.replace(os.sep, "_")) if len(tasks) > 1 else out,
+                              seeds=_SEEDS.value, init_from=init)
+        summaries.append(dict(summary, name=name))
+        print(ft.results_table([summaries[-1]]), end="")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(ft.results_table(summaries))
+    print(f"results: {out}/results.md" + (" (+ results.json per task)" if len(tasks) > 1 else ", results.json"))
+
+
 def main(argv):
     from absl import logging as absl_logging
 
     from mxdna_jax.checkpoint import CorruptCheckpointError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
-    commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize}
+    commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize, "finetune": eval_finetune}
     if len(argv) != 2 or argv[1] not in commands:
         return cli.fail(f"usage: eval.py {{{','.join(commands)}}} [flags]; got {argv[1:]}", cli.EXIT_BAD_INPUT)
     try:
@@ -195,4 +244,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -19,7 +19,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file (get_config())",
+# the repository's configs/tiny.py wherever the command is run from
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "config file (get_config())",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl, tb/)")
 _RESUME = flags.DEFINE_bool("resume", True, "continue from the latest checkpoint in --workdir")
@@ -76,24 +78,8 @@ def main(argv):
     return cli.EXIT_OK
 
 
-def parse_flags(argv):
-    """absl's parser, with config-override mistakes (a typo in --config.train.stesp) reported as
-    one line and exit 2 instead of a traceback from inside ml_collections."""
-    from mxdna_jax import cli
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(cli.fail(e))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raw = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
-        key, _, hint = raw.strip("'\" ").partition("\n")
-        key = key.strip("'\" ")
-        named = [a for a in argv[1:] if a.startswith("--config.") and f".{key}" in a.split("=")[0]]
-        where = named[0] if named else "a --config override"
-        sys.exit(cli.fail(f"{where}: no config field {key!r}" + (f"; {hint.strip()}" if hint else "")))
-
-
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+    from mxdna_jax import cli
+
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

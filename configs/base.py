@@ -77,6 +77,20 @@ def build(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = all remaining devices
+
+    # eval.py finetune: the classifier's schedule (optimizer settings otherwise from `train`).
+    c.finetune = ml_collections.ConfigDict(dict(
+        epochs=3,
+        batch_size=32,                # global; a multiple of the mesh's batch shards
+        lr=1e-4,
+        warmup_ratio=0.1,             # of all fine-tuning steps
+        patience=2,                   # evaluations on dev without a better MCC before stopping
+        eval_every=0,                 # steps between dev evaluations; 0 = once per epoch
+        max_length=0,                 # padded tokens incl. [CLS]/[SEP]; 0 = model.max_position_embeddings
+        truncate="",                  # '' = a longer sequence is an error; 'right' | 'left' | 'center'
+        dev_fraction=0.0,             # > 0: carve a stratified dev split from train when a task has none
+        max_train=0,                  # > 0: stratified subsample of the training split (recorded)
+    ))
     return c
 
 

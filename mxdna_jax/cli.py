@@ -47,3 +47,24 @@ def fail(message: object, code: int = EXIT_BAD_INPUT) -> int:
     """Print `error: <one line>` to stderr and return `code` (for `return fail(...)` in main)."""
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     return code
+
+
+def parse_flags(argv):
+    """absl's flag parser for the entry points (`app.run(..., flags_parser=cli.parse_flags)`), with
+    mistakes reported as one line and exit 2 instead of a traceback: a bad value, an unknown flag,
+    or a typo in a config override (`--config.train.stesp`, raised from inside ml_collections)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(fail(e))
+    except OSError as e:  # config_flags: a --config file that is missing or fails to load
+        sys.exit(fail("--config: " + " ".join(str(e).split())))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raw = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
+        key, _, hint = raw.strip("'\" ").partition("\n")
+        key = key.strip("'\" ")
+        named = [a for a in argv[1:] if a.startswith("--config.") and f".{key}" in a.split("=")[0]]
+        where = named[0] if named else "a --config override"
+        sys.exit(fail(f"{where}: no config field {key!r}" + (f"; {hint.strip()}" if hint else "")))

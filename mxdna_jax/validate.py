@@ -23,6 +23,8 @@ RESUME_SAFE_FIELDS = frozenset({
     "mesh.data", "mesh.fsdp", "mesh.model",
     "init_from",  # only read by a fresh start
 })
+# Sections a pretraining run never reads (eval.py finetune's settings).
+RESUME_SAFE_SECTIONS = ("finetune",)
 # What no flag can change on resume: the parameters would not fit.
 STRICT_SECTIONS = ("model",)
 
@@ -109,7 +111,7 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     [{"field", "saved", "now"}, ...] sorted by field."""
     a, b = _flatten(saved), _flatten(current)
     return [{"field": f, "saved": a.get(f), "now": b.get(f)} for f in sorted(set(a) | set(b))
-            if a.get(f) != b.get(f) and f not in RESUME_SAFE_FIELDS]
+            if a.get(f) != b.get(f) and f not in RESUME_SAFE_FIELDS and f.split(".", 1)[0] not in RESUME_SAFE_SECTIONS]
 
 
 def describe_changes(changes: list[dict[str, Any]]) -> str:

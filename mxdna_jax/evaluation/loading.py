@@ -23,3 +23,21 @@ def load_model(source: str, head: str = "tokens"):
         params_io.load_matching(other, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         model = other
     return model
+
+
+def source_model_config(source: str):
+    """The ModelConfig a trained-model path was trained with (what a warm start must build)."""
+    import json
+    import pathlib
+
+    from mxdna_jax.config import ModelConfig
+
+    kind = params_io.source_kind(source)
+    src = pathlib.Path(source).absolute()
+    if kind == "official":
+        from mxdna_jax import convert
+
+        return ModelConfig.from_official(convert._official_config(src, None), mode="compact", batch_independent=True)
+    if kind == "params_dir":
+        return ModelConfig.from_dict(json.loads((src / "model_config.json").read_text())["model"])
+    return params_io.workdir_model_config(src if kind == "workdir" else src.parent.parent)
