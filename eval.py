@@ -34,9 +34,13 @@ from ml_collections import config_flags
 
 from mxdna_jax import cli
 
-# the repository's configs/tiny.py wherever the command is run from
+# The repository's configs/tiny.py wherever the command is run from. Given as an explicit
+# --config rather than a flag default: config_flags parses a default (and every --config.x
+# override) while the flag is being defined, outside the error handling of cli.parse_flags.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "finetune: model and finetune settings",
+if __name__ == "__main__" and not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--config={_DEFAULT_CONFIG}")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "finetune: model and finetune settings",
                                           lock_config=True)
 _TASK = flags.DEFINE_string("task", None, "finetune: labelled task directory (several: comma-separated)")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "finetune: repeats with seeds 0..N-1 (mean +- sample std)")

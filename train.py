@@ -19,9 +19,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-# the repository's configs/tiny.py wherever the command is run from
+# The repository's configs/tiny.py wherever the command is run from. Given as an explicit
+# --config rather than a flag default: config_flags parses a default (and every --config.x
+# override) while the flag is being defined, outside the error handling of cli.parse_flags.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "config file (get_config())",
+if __name__ == "__main__" and not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--config={_DEFAULT_CONFIG}")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config())",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl, tb/)")
 _RESUME = flags.DEFINE_bool("resume", True, "continue from the latest checkpoint in --workdir")

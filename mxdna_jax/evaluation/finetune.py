@@ -140,6 +140,9 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
         if start.warm is not None:
             logger.event(0, "warm_start", source=str(init_from), loaded=start.warm.loaded, fresh=start.warm.fresh)
         state, best, best_dev, since_best, step = start.state, None, -np.inf, 0, 0
+        # The starting point on dev (fresh head; pretrained or random backbone): what fine-tuning adds.
+        dev0 = evaluate_split(logits_fn, state.params, state.rest, enc["dev"], B, to_global)
+        logger.log(0, {f"dev_{k}": v for k, v in dev0.items()}, kind="eval")
         capacity: dict[int, int | None] = {}
         eval_every = int(f.eval_every) or steps_per_epoch
         epochs_run = 0
@@ -182,6 +185,7 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
         ckpt.close()
     out = {f"dev/{k}": v for k, v in dev.items()}
     out.update({f"test/{k}": v for k, v in test.items()})
+    out.update({f"dev_initial/{k}": v for k, v in dev0.items()})
     out.update(best_step=best_step, steps=step, epochs=epochs_run)
     return SeedResult(seed, out)
 
