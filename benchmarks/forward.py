@@ -29,12 +29,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
-from mxdna_jax.ops.experts import conv_experts  # noqa: E402
-from mxdna_jax.ops.nms import basic_unit_nms, unit_layout  # noqa: E402
 from mxdna_jax.capacity import CapacityPolicy  # noqa: E402
-from mxdna_jax.ops.rope import rope_tables  # noqa: E402
-from mxdna_jax.tokenization import compact_token_positions  # noqa: E402
+from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
+from mxdna_jax.ops.nms import basic_unit_nms  # noqa: E402
+from mxdna_jax.tokenizers.base import unit_token_mask  # noqa: E402
 
 # The issue's reference: official PyTorch MxDNA, base config, batch 4 x 1,024 nt, fp32, CPU.
 REFERENCE = {"nt_per_s": 1525.0, "gflops_effective": 168.0, "nms_share": 0.002, "batch": 4, "length": 1024,
@@ -81,13 +79,14 @@ def forward_fn(graphdef, capacity):
     return fwd
 
 
-def stage_fns(graphdef, cfg, capacity):
-    """The forward split into stages (mirrors MxDNAModel/LearntTokenization/MxDNAForMaskedLM.__call__).
+def stage_fns(graphdef, capacity):
+    """The forward split into the model's own stages (MxDNAModel / UnitTokenizer / MxDNAForMaskedLM),
+    each called as the forward calls it, so nothing here re-derives a stage.
 
-    nucleotide: embed + nucleotide layers; tokenization: the whole LearntTokenization (router, NMS,
-    experts, deformable conv, compaction); inside it, route = input LN + gate + NMS + unit layout,
-    experts = conv_experts, deform = deformable block (+ compaction); token_layers: token layers +
-    final LN; head: MLM cross decoder + LN + LM head.
+    nucleotide: embed_ids + nucleotide_stage; tokenization: tokenizer_stage (router, NMS, experts,
+    deformable conv, compaction); inside it, route = input LN + gate + NMS + unit layout, experts =
+    embed_units, deform = token_mask + assemble (deformable block + compaction); token_layers:
+    token_stage (RoPE + token layers + final LN); head: decoder_stage (MLM cross decoder + LN + LM head).
     """
 
     def mlm(state):
@@ -95,56 +94,26 @@ def stage_fns(graphdef, cfg, capacity):
 
     def nucleotide(state, ids, am):
         m = mlm(state).model
-        B, L = ids.shape
-        h = jnp.take(m.embed[...], ids, axis=0).astype(m.dtype)
-        rope = rope_tables(jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)), cfg.head_dim, cfg.rope_theta)
-        for layer in m.nucleotide_layers:
-            h = layer(h, rope, am)
-        return h
+        return m.nucleotide_stage(m.embed_ids(ids), am).hidden
 
     def tokenization(state, h, am, sm):
-        t = mlm(state).model.tokenization(h, am, sm, capacity=capacity)
-        return {"hidden": t.hidden, "positions": t.positions, "mask": t.mask}
+        return mlm(state).model.tokenizer_stage(h, am, sm, capacity=capacity)
 
     def route(state, h, am, sm):
+        return mlm(state).model.tokenization.route(h, am, sm)
+
+    def experts(state, h, r):
+        return mlm(state).model.tokenization.embed_units(h, r)[0]
+
+    def deform(state, u, r, am, sm):
         tk = mlm(state).model.tokenization
-        x = tk.input_norm(h)
-        gate_in = x.astype(jnp.float32) * (1 - sm)[..., None].astype(jnp.float32)
-        logits = jnp.dot(gate_in, tk.gate[...].astype(jnp.float32))
-        center, all_ = basic_unit_nms(logits, am, cfg.expert_kernel_sizes)
-        uc, tap = unit_layout(center, all_, cfg.expert_kernel_sizes)
-        return {"x": x, "logits": logits, "center": center, "all": all_, "unit_center": uc, "tap": tap}
+        return tk.assemble(u, am, sm, tk.token_mask(r.units.center, am, sm), capacity)
 
-    def experts(state, r):
-        tk = mlm(state).model.tokenization
-        probs = jax.nn.softmax(r["logits"], axis=-1)
-        return conv_experts(r["x"], r["center"], r["all"], r["unit_center"], r["tap"], probs, tk.expert_params(),
-                            eps=cfg.expert_layer_norm_eps)
+    def token_layers(state, tok):
+        return mlm(state).model.token_stage(tok)
 
-    def deform(state, h, moe, center, am, sm):
-        tk = mlm(state).model.tokenization
-        u = h + moe.astype(h.dtype)
-        token_mask = ((sm + (center >= 0)) * am > 0).astype(jnp.int32)
-        if capacity is None:
-            return tk.deform(u, am, sm, token_mask)
-        pos, _, _ = compact_token_positions(token_mask, capacity)
-        return tk.deform(u, am, sm, token_mask, rows_BT=pos)
-
-    def token_layers(state, t, positions, mask):
-        m = mlm(state).model
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        for layer in m.token_layers:
-            t = layer(t, rope, mask)
-        return m.final_norm(t)
-
-    def head(state, h_nuc, tok_hidden, tok_pos, tok_mask, am):
-        mm = mlm(state)
-        B, L = am.shape
-        pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        rq = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-        rk = rope_tables(tok_pos, cfg.head_dim, cfg.rope_theta)
-        h = mm.decoder(h_nuc, rq, tok_hidden, rk, tok_mask, am)
-        return mm.lm_head(mm.norm(h))
+    def head(state, h_nuc, final, tok, am):
+        return mlm(state).decoder_stage(h_nuc, final, tok.positions, tok.mask, am)
 
     return {"nucleotide": nucleotide, "tokenization": tokenization, "route": route, "experts": experts,
             "deform": deform, "token_layers": token_layers, "head": head}
@@ -164,10 +133,10 @@ def run_breakdown(fns, state, ids, am, sm, full_logits, *, warmup, repeats) -> d
     h = timed("nucleotide", fns["nucleotide"], state, ids, am)
     tok = timed("tokenization", fns["tokenization"], state, h, am, sm)
     r = timed("route", fns["route"], state, h, am, sm)
-    moe = timed("experts", fns["experts"], state, r)
-    timed("deform", fns["deform"], state, h, moe, r["center"], am, sm)
-    t = timed("token_layers", fns["token_layers"], state, tok["hidden"], tok["positions"], tok["mask"])
-    logits = timed("head", fns["head"], state, h, t, tok["positions"], tok["mask"], am)
+    u = timed("experts", fns["experts"], state, h, r)
+    timed("deform", fns["deform"], state, u, r, am, sm)
+    t = timed("token_layers", fns["token_layers"], state, tok)
+    logits = timed("head", fns["head"], state, h, t, tok, am)
     stages = ("nucleotide", "tokenization", "token_layers", "head")
     res["sum_of_stages_s"] = sum(res[s]["median_s"] for s in stages)
     res["stage_logits_max_abs_diff_vs_forward"] = float(jnp.max(jnp.abs(logits - full_logits)))
@@ -195,8 +164,7 @@ def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
             break
         # capacity exceeded for this batch: grow to the batch's token count (from the NMS centres,
         # which are complete even when the compacted rows are not), rounded up to 64, and retry
-        c, a_, s_ = np.asarray(out["center"]), batch_np["attention_mask"], batch_np["special_tokens_mask"]
-        need = int((((s_ + (c >= 0)) * a_) > 0).sum(1).max())
+        need = int(np.asarray(unit_token_mask(out["center"], am, sm)).sum(1).max())
         new = min(L, max(capacity + 64, -(-need // 64) * 64))
         retries.append({"capacity": capacity, "tokens_needed": need, "compile": ct})
         log(f"    overflow at capacity {capacity} (batch needs {need}); retrying with {new}")
@@ -245,7 +213,7 @@ def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
                   "matches_forward": same}
 
     if args.breakdown:
-        fns = stage_fns(gd, cfg, capacity)
+        fns = stage_fns(gd, capacity)
         rec["breakdown"] = run_breakdown(fns, state, ids, am, sm, out["logits"], warmup=1,
                                          repeats=args.breakdown_repeats)
     rec["loadavg_after"] = list(os.getloadavg())

@@ -23,7 +23,7 @@ from mxdna_jax.config import ModelConfig
 from mxdna_jax.layers import CrossDecoderLayer, Dense, EncoderLayer, LayerNorm, param, trunc_normal
 from mxdna_jax.ops.rope import rope_tables
 from mxdna_jax.tokenizers import build_tokenizer
-from mxdna_jax.tokenizers.base import gather_rows
+from mxdna_jax.tokenizers.base import TokenizationOutput, arange_positions, gather_rows
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -39,6 +39,11 @@ class BackboneOutput(NamedTuple):
     aux_loss: jax.Array  # () fp32, 0 for fixed tokenizers
     overflow: jax.Array  # () bool: compact capacity exceeded; outputs are then invalid
     intermediates: dict[str, Any]
+
+
+class NucleotideStageOutput(NamedTuple):
+    hidden: jax.Array  # (B, L, D) output of the last nucleotide layer
+    rope: tuple[jax.Array, jax.Array]  # (cos, sin) (B, L, H): RoPE at the nucleotide positions
 
 
 def make_jitter(key, shape, eps):
@@ -70,57 +75,100 @@ class MxDNAModel(nnx.Module):
             return None
         return token_capacity if token_capacity is not None else self.cfg.token_capacity(L)
 
+    # ------------------------------------------------------------------ stages (the forward is made of these)
+
+    def masks(self, input_ids, attention_mask, special_tokens_mask=None):
+        """(attention_mask, special_tokens_mask) as int32; the special mask derived from the ids when None."""
+        if input_ids.shape[1] > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds "
+                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
+        am = attention_mask.astype(jnp.int32)
+        sm = derive_special_mask(input_ids) if special_tokens_mask is None else special_tokens_mask.astype(jnp.int32)
+        return am, sm
+
+    def router_jitter(self, B: int, L: int, jitter_key=None, jitter=None):
+        """The (B, L, D) router jitter the tokenizer gets, or None: a given `jitter` wins, else one is
+        drawn from `jitter_key`; None whenever the tokenizer has no router or jitter is switched off."""
+        if not self.tokenization.uses_jitter:
+            return None  # no router, or jitter switched off: no noise even when one is passed
+        if jitter is None and jitter_key is not None and self.cfg.router_jitter_noise > 0:
+            return make_jitter(jitter_key, (B, L, self.cfg.hidden_size), self.cfg.router_jitter_noise)
+        return jitter
+
+    def embed_ids(self, input_ids):
+        """(B, L, D) nucleotide embeddings in the compute dtype."""
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+
+    def nucleotide_rope(self, B: int, L: int):
+        """RoPE tables at the nucleotide positions 0..L-1 (the nucleotide layers, the MLM decoder's queries)."""
+        return rope_tables(arange_positions(B, L), self.cfg.head_dim, self.cfg.rope_theta)
+
+    def nucleotide_stage(self, h_BLD, attention_mask_BL, *, sow=None) -> NucleotideStageOutput:
+        """The nucleotide layers on embeddings `h_BLD`; `attention_mask_BL` int32."""
+        B, L, _ = h_BLD.shape
+        rope = self.nucleotide_rope(B, L)
+        outs = []
+        for layer in self.nucleotide_layers:
+            h_BLD = _maybe_remat(layer, self.cfg.remat)(h_BLD, rope, attention_mask_BL)
+            outs.append(h_BLD)
+        if sow is not None:
+            sow("nucleotide_layer_outputs", jnp.stack(outs))
+        return NucleotideStageOutput(h_BLD, rope)
+
+    def tokenizer_stage(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
+                        dense_experts: bool = False, expert_tile: int = 128, sow=None) -> TokenizationOutput:
+        """The tokenizer on the nucleotide states: token rows (B, T, D), their positions and mask."""
+        tok = self.tokenization(h_BLD, attention_mask_BL, special_BL, jitter_BLD=jitter_BLD, capacity=capacity,
+                                dense_experts=dense_experts, expert_tile=expert_tile, sow=sow)
+        if sow is not None:
+            if tok.router_logits is not None:
+                sow("router_logits", tok.router_logits)
+            sow("nms_center", tok.center)
+            sow("nms_all", tok.all)
+            # in compact mode the token-row states have another layout (B, T, D): other names
+            sow(_layout_prefix(capacity) + "conversion_output", tok.hidden)
+        return tok
+
+    def token_stage(self, tok: TokenizationOutput, *, sow=None):
+        """RoPE at the token positions -> token layers over the token rows -> final LN: (B, T, D).
+        `sow` gets layout-independent names (the model prefixes them in compact mode)."""
+        t = tok.hidden
+        rope_T = rope_tables(tok.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        outs = []
+        for layer in self.token_layers:
+            t = _maybe_remat(layer, self.cfg.remat)(t, rope_T, tok.mask)
+            outs.append(t)
+        if sow is not None and outs:
+            sow("token_layer_outputs", jnp.stack(outs))
+        final = self.final_norm(t)
+        if sow is not None:
+            sow("final_hidden", final)
+        return final
+
     def __call__(self, input_ids, attention_mask, special_tokens_mask=None, *, jitter_key=None, jitter=None,
                  token_capacity: int | None = None, capture: bool = False, dense_experts: bool = False,
                  expert_tile: int = 128) -> BackboneOutput:
-        cfg = self.cfg
         B, L = input_ids.shape
-        if L > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {L} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-        am = attention_mask.astype(jnp.int32)
-        sm = derive_special_mask(input_ids) if special_tokens_mask is None else special_tokens_mask.astype(jnp.int32)
+        am, sm = self.masks(input_ids, attention_mask, special_tokens_mask)
         inter: dict[str, Any] = {}
         sow = inter.__setitem__ if capture else None
-        if not self.tokenization.uses_jitter:
-            jitter = None  # no router, or jitter switched off: no noise even when one is passed
-        elif jitter is None and jitter_key is not None and cfg.router_jitter_noise > 0:
-            jitter = make_jitter(jitter_key, (B, L, cfg.hidden_size), cfg.router_jitter_noise)
-
-        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        jitter = self.router_jitter(B, L, jitter_key, jitter)
+        h = self.embed_ids(input_ids)
         if capture:
             inter["embeddings"] = h
-        pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        rope_L = rope_tables(pos_BL, cfg.head_dim, cfg.rope_theta)
-        nuc_outs = []
-        for layer in self.nucleotide_layers:
-            h = _maybe_remat(layer, cfg.remat)(h, rope_L, am)
-            nuc_outs.append(h)
-        if capture:
-            inter["nucleotide_layer_outputs"] = jnp.stack(nuc_outs)
-
+        h = self.nucleotide_stage(h, am, sow=sow).hidden
         capacity = self.resolve_capacity(L, token_capacity)
-        tok = self.tokenization(h, am, sm, jitter_BLD=jitter, capacity=capacity, dense_experts=dense_experts,
-                                expert_tile=expert_tile, sow=sow)
-        # in compact mode the token-row states have another layout (B, T, D): other names
-        prefix = "" if capacity is None else "compact_"
-        if capture:
-            if tok.router_logits is not None:
-                inter["router_logits"] = tok.router_logits
-            inter["nms_center"], inter["nms_all"] = tok.center, tok.all
-            inter[prefix + "conversion_output"] = tok.hidden
-        t = tok.hidden
-        rope_T = rope_tables(tok.positions, cfg.head_dim, cfg.rope_theta)
-        tok_outs = []
-        for layer in self.token_layers:
-            t = _maybe_remat(layer, cfg.remat)(t, rope_T, tok.mask)
-            tok_outs.append(t)
-        if capture and tok_outs:
-            inter[prefix + "token_layer_outputs"] = jnp.stack(tok_outs)
-        final = self.final_norm(t)
-        if capture:
-            inter[prefix + "final_hidden"] = final
+        tok = self.tokenizer_stage(h, am, sm, jitter_BLD=jitter, capacity=capacity, dense_experts=dense_experts,
+                                   expert_tile=expert_tile, sow=sow)
+        prefix = _layout_prefix(capacity)
+        final = self.token_stage(tok, sow=None if sow is None else (lambda k, v: sow(prefix + k, v)))
         return BackboneOutput(h, final, tok.positions, tok.mask, tok.router_logits, tok.center, tok.all,
                               tok.aux_loss, tok.overflow, inter)
+
+
+def _layout_prefix(capacity: int | None) -> str:
+    """Capture names of token-row states: compact mode's (B, T, D) layout gets 'compact_'."""
+    return "" if capacity is None else "compact_"
 
 
 def _maybe_remat(layer, remat: bool):
@@ -158,20 +206,27 @@ class MxDNAForMaskedLM(nnx.Module):
         self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=pdt, dtype=dtype)
         self.lm_head = LMHead(cfg, rngs=rngs, dtype=dtype, param_dtype=pdt)
 
+    def decoder_stage(self, nucleotide_hidden_BLD, token_hidden_BTD, token_positions_BT, token_mask_BT,
+                      attention_mask_BL, *, sow=None):
+        """MLM logits (B, L, V) fp32: nucleotide queries (RoPE at their positions) cross-attend to the
+        token states (RoPE at theirs) -> LN -> LM head."""
+        B, L = attention_mask_BL.shape
+        rope_q = self.model.nucleotide_rope(B, L)
+        rope_k = rope_tables(token_positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.decoder(nucleotide_hidden_BLD, rope_q, token_hidden_BTD, rope_k, token_mask_BT,
+                         attention_mask_BL.astype(jnp.int32))
+        hn = self.norm(h)
+        if sow is not None:
+            sow("decoder_output", h)
+            sow("decoder_norm_output", hn)
+        return self.lm_head(hn)
+
     def __call__(self, input_ids, attention_mask, special_tokens_mask=None, **kw) -> MLMOutput:
         out = self.model(input_ids, attention_mask, special_tokens_mask, **kw)
-        cfg = self.cfg
-        B, L = input_ids.shape
-        pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        rope_q = rope_tables(pos_BL, cfg.head_dim, cfg.rope_theta)
-        rope_k = rope_tables(out.token_positions, cfg.head_dim, cfg.rope_theta)
-        h = self.decoder(out.nucleotide_hidden, rope_q, out.token_hidden, rope_k, out.token_mask,
-                         attention_mask.astype(jnp.int32))
-        hn = self.norm(h)
-        if kw.get("capture"):
-            out.intermediates["decoder_output"] = h
-            out.intermediates["decoder_norm_output"] = hn
-        return MLMOutput(self.lm_head(hn), out.aux_loss, out.overflow, out)
+        sow = out.intermediates.__setitem__ if kw.get("capture") else None
+        logits = self.decoder_stage(out.nucleotide_hidden, out.token_hidden, out.token_positions, out.token_mask,
+                                    attention_mask, sow=sow)
+        return MLMOutput(logits, out.aux_loss, out.overflow, out)
 
 
 class MxDNAForSequenceClassification(nnx.Module):

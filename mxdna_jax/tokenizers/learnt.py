@@ -53,13 +53,22 @@ class LearntTokenization(UnitTokenizer):
             self.masked_token_embedding = param(rngs, trunc_normal, (d,), ("embed",), param_dtype)
         self._init_body(cfg, cfg.expert_kernel_sizes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
+    def gate_logits(self, x_BLD, special_BL, jitter_BLD=None):
+        """(B, L, E) fp32 router logits: the gate on the input LN's output, [CLS]/[SEP]/[PAD] rows zeroed,
+        times the multiplicative jitter when given."""
         gate_in = x_BLD.astype(jnp.float32) * (1 - special_BL)[..., None].astype(jnp.float32)
         if jitter_BLD is not None:
             gate_in = gate_in * jitter_BLD.astype(jnp.float32)
         # router logits stay fp32 at any compute dtype: the NMS order is sensitive at ~1e-6
-        logits_BLE = jnp.dot(gate_in, self.gate[...].astype(jnp.float32))
-        center, all_ = basic_unit_nms(jax.lax.stop_gradient(logits_BLE), attention_mask_BL, self.kernel_sizes)
+        return jnp.dot(gate_in, self.gate[...].astype(jnp.float32))
+
+    def nms(self, logits_BLE, attention_mask_BL):
+        """(center, all): the basic units the greedy NMS keeps (no gradient flows through the choice)."""
+        return basic_unit_nms(jax.lax.stop_gradient(logits_BLE), attention_mask_BL, self.kernel_sizes)
+
+    def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
+        logits_BLE = self.gate_logits(x_BLD, special_BL, jitter_BLD)
+        center, all_ = self.nms(logits_BLE, attention_mask_BL)
         # the expert outputs are weighted by the router probability: the MLM loss's path to the gate
         probs = jax.nn.softmax(logits_BLE, axis=-1) if self.use_experts else None
         return Units(center, all_, logits_BLE, probs, load_balancing_loss(logits_BLE, center))

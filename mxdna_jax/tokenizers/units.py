@@ -92,6 +92,15 @@ class Units(NamedTuple):
     aux_loss: jax.Array  # () fp32
 
 
+class Routing(NamedTuple):
+    """What `UnitTokenizer.route` returns: the units and where each covered position sits in its unit."""
+
+    x: jax.Array | None  # (B, L, D) the input LN's output (what the gate and experts read); None if unused
+    units: Units
+    unit_center: jax.Array  # (B, L) int32 row of the covering unit's centre, -1 if uncovered
+    tap: jax.Array  # (B, L) int32 index inside the covering unit, -1 if uncovered
+
+
 class UnitTokenizer(nnx.Module):
     """Base of unit tokenizers: subclasses create their selector's params, call `_init_body`
     and implement `select`. Only the params a configuration uses are created."""
@@ -133,34 +142,58 @@ class UnitTokenizer(nnx.Module):
     def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
         raise NotImplementedError
 
-    def __call__(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
-                 dense_experts: bool = False, expert_tile: int = 128, sow=None) -> TokenizationOutput:
+    # ------------------------------------------------------------------ stages (__call__ is made of these)
+
+    def route(self, h_BLD, attention_mask_BL, special_BL, jitter_BLD=None) -> Routing:
+        """Input LN -> unit selection (`select`) -> each covered position's unit centre and tap."""
         x = self.normed(h_BLD)
         units = self.select(x, attention_mask_BL, special_BL, jitter_BLD)
-        center, all_ = units.center, units.all
-        unit_center, tap = unit_layout(center, all_, self.kernel_sizes)
+        unit_center, tap = unit_layout(units.center, units.all, self.kernel_sizes)
+        return Routing(x, units, unit_center, tap)
+
+    def embed_units(self, h_BLD, routing: Routing, *, dense_experts: bool = False, expert_tile: int = 128):
+        """(u, moe): the states with each unit embedded at its centre row, and the embedding itself
+        (expert outputs, or unit means with `experts=False`)."""
+        units = routing.units
         if self.use_experts:
-            moe = conv_experts(x, center, all_, unit_center, tap, units.probs, self.expert_params(),
-                               eps=self.expert_layer_norm_eps, tile=expert_tile, dense=dense_experts)
-            u = h_BLD + moe.astype(h_BLD.dtype)
+            moe = conv_experts(routing.x, units.center, units.all, routing.unit_center, routing.tap, units.probs,
+                               self.expert_params(), eps=self.expert_layer_norm_eps, tile=expert_tile,
+                               dense=dense_experts)
+            return h_BLD + moe.astype(h_BLD.dtype), moe
+        moe = unit_mean(h_BLD, routing.unit_center, units.center)
+        return jnp.where((units.center >= 0)[..., None], moe, h_BLD), moe
+
+    def token_mask(self, center_BL, attention_mask_BL, special_BL):
+        """(B, L) int32: the token rows at nucleotide length ([CLS], unit centres, [SEP])."""
+        return unit_token_mask(center_BL, attention_mask_BL, special_BL)
+
+    def assemble(self, u_BLD, attention_mask_BL, special_BL, token_mask_BL, capacity: int | None = None, sow=None):
+        """Token rows from the embedded states: (hidden (B, T, D), positions, mask, overflow). The
+        deformable block (if on) runs over the token rows; compact mode gathers them into `capacity`."""
+        B, L, _ = u_BLD.shape
+        if capacity is None:
+            out = u_BLD if self.deform is None else self.deform(u_BLD, attention_mask_BL, special_BL, token_mask_BL,
+                                                               sow=sow)
+            return out, arange_positions(B, L), token_mask_BL, jnp.array(False)
+        pos, mask, overflow = compact_token_positions(token_mask_BL, capacity)
+        if self.deform is None:
+            out = gather_rows(u_BLD, pos)
         else:
-            moe = unit_mean(h_BLD, unit_center, center)
-            u = jnp.where((center >= 0)[..., None], moe, h_BLD)
-        token_mask = unit_token_mask(center, attention_mask_BL, special_BL)
+            out = self.deform(u_BLD, attention_mask_BL, special_BL, token_mask_BL, rows_BT=pos, sow=sow)
+        return out, pos, mask, overflow
+
+    def __call__(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
+                 dense_experts: bool = False, expert_tile: int = 128, sow=None) -> TokenizationOutput:
+        r = self.route(h_BLD, attention_mask_BL, special_BL, jitter_BLD)
+        u, moe = self.embed_units(h_BLD, r, dense_experts=dense_experts, expert_tile=expert_tile)
+        token_mask = self.token_mask(r.units.center, attention_mask_BL, special_BL)
         if sow is not None:
-            if x is not None:
-                sow("conversion_input_layernorm_out", x)
+            if r.x is not None:
+                sow("conversion_input_layernorm_out", r.x)
             sow("moe_output" if self.use_experts else "unit_mean", moe)
             sow("deform_input", u)
             sow("motif_attention_mask", token_mask)
-        B, L, _ = h_BLD.shape
-        if capacity is None:
-            out = u if self.deform is None else self.deform(u, attention_mask_BL, special_BL, token_mask, sow=sow)
-            return TokenizationOutput(out, arange_positions(B, L), token_mask, units.router_logits, center, all_,
-                                      units.aux_loss, jnp.array(False))
-        pos, mask, overflow = compact_token_positions(token_mask, capacity)
-        if self.deform is None:
-            out = gather_rows(u, pos)
-        else:
-            out = self.deform(u, attention_mask_BL, special_BL, token_mask, rows_BT=pos, sow=sow)
-        return TokenizationOutput(out, pos, mask, units.router_logits, center, all_, units.aux_loss, overflow)
+        out, pos, mask, overflow = self.assemble(u, attention_mask_BL, special_BL, token_mask, capacity, sow=sow)
+        units = r.units
+        return TokenizationOutput(out, pos, mask, units.router_logits, units.center, units.all, units.aux_loss,
+                                  overflow)
