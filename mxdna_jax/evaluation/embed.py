@@ -76,19 +76,22 @@ def batches_by_bucket(ids: Sequence[np.ndarray], batch_size: int, limit: int) ->
             yield np.asarray(chunk), vocab.batch_from_ids(rows, pad_to=L)
 
 
-def _forward(model, L: int) -> Callable:
-    """fn(batch) -> TokenExtractionOutput on host, with the compact capacity policy."""
-    policy = CapacityPolicy.for_model(model.cfg, L)
+@nnx.jit(static_argnames=("token_capacity",))
+def _tokens_forward(model, ids, am, key, token_capacity):
+    # One jitted function for every call: compiled once per (model structure, batch shape, capacity).
+    return model(ids, am, jitter_key=key, token_capacity=token_capacity)
 
-    @nnx.jit(static_argnames=("token_capacity",))
-    def run(model, ids, am, key, token_capacity):
-        return model(ids, am, jitter_key=key, token_capacity=token_capacity)
+
+def _forward(model, L: int) -> Callable:
+    """fn(batch, jitter_key=None) -> TokenExtractionOutput on host, the compact capacity re-run
+    larger on overflow (the policy of length L)."""
+    policy = CapacityPolicy.for_model(model.cfg, L)
 
     def call(batch, jitter_key=None):
         ids, am = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
 
         def attempt(cap):
-            out = run(model, ids, am, jitter_key, token_capacity=cap)
+            out = _tokens_forward(model, ids, am, jitter_key, token_capacity=cap)
             return out, out.backbone.overflow
 
         out, _ = policy.run(attempt)
