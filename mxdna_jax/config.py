@@ -14,6 +14,7 @@ from typing import Any, Literal
 from mxdna_jax import tokenizers, vocab
 
 Mode = Literal["original", "compact"]
+ClsPool = Literal["cls", "mean"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,10 @@ class ModelConfig:
     deformable: bool = True
     jitter: bool = True
     kmer_size: int = 6
+    # What the sequence classifier reads: 'cls' the final [CLS] state (the official head), 'mean'
+    # the mean of the final states of the valid unit tokens ([CLS]/[SEP] excluded, the rows
+    # extract_tokens returns); either then goes through cls_norm -> dense -> tanh -> out_proj.
+    cls_pool: ClsPool = "cls"
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -80,6 +85,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.kmer_size, bool) or not isinstance(self.kmer_size, int) or self.kmer_size < 1:
             raise ValueError(f"kmer_size must be a positive integer, got {self.kmer_size!r}")
+        if self.cls_pool not in ("cls", "mean"):
+            raise ValueError(f"cls_pool must be 'cls' or 'mean', got {self.cls_pool!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -159,6 +166,9 @@ class ModelConfig:
         if not self.is_official_layout:
             raise ValueError(f"no official MxDNA config for tokenizer={self.tokenizer!r}, experts={self.experts}, "
                              f"deformable={self.deformable} (only the full learnt tokenizer has one)")
+        if self.cls_pool != "cls":
+            raise ValueError(f"no official MxDNA config for cls_pool={self.cls_pool!r}: the official classifier "
+                             "reads [CLS] (set cls_pool='cls' to export the backbone or an MLM model)")
         return {
             "model_type": "mxdna",
             "vocab_size": self.vocab_size,

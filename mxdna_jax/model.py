@@ -230,7 +230,10 @@ class MxDNAForMaskedLM(nnx.Module):
 
 
 class MxDNAForSequenceClassification(nnx.Module):
-    """[CLS] classifier (the official '...ND' head): LN -> dense -> tanh -> out_proj."""
+    """Sequence classifier (the official '...ND' head): pool -> LN -> dense -> tanh -> out_proj.
+
+    The pool is `cfg.cls_pool`: the [CLS] row (official), or the mean of the unit tokens.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, num_labels: int | None = None):
         dtype, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
@@ -245,14 +248,27 @@ class MxDNAForSequenceClassification(nnx.Module):
 
     def __call__(self, input_ids, attention_mask, special_tokens_mask=None, **kw):
         out = self.model(input_ids, attention_mask, special_tokens_mask, **kw)
-        logits, cls = self.head(out)
+        sm = derive_special_mask(input_ids) if special_tokens_mask is None else special_tokens_mask
+        logits, cls = self.head(out, sm)
         if kw.get("capture"):
             out.intermediates["cls_head_input"] = cls
         return logits, out
 
-    def head(self, out: BackboneOutput):
+    def pool(self, out: BackboneOutput, special_tokens_mask=None):
+        """(B, D): the [CLS] row (cls_pool='cls'), or the mean over the valid unit-token rows
+        (cls_pool='mean'; the rows extract_tokens returns, accumulated in fp32; 0 for none)."""
+        if self.cfg.cls_pool == "cls":
+            return out.token_hidden[:, 0]  # [CLS] is row 0 in both layouts
+        if special_tokens_mask is None:
+            raise ValueError("cls_pool='mean' needs the special tokens mask")
+        ext = extract_tokens(out, special_tokens_mask)
+        m = ext.mask.astype(jnp.float32)[..., None]
+        total = jnp.sum(ext.tokens.astype(jnp.float32) * m, axis=1)
+        return (total / jnp.maximum(jnp.sum(m, axis=1), 1.0)).astype(out.token_hidden.dtype)
+
+    def head(self, out: BackboneOutput, special_tokens_mask=None):
         """(logits (B, C), head input (B, D)) from a backbone output."""
-        cls = self.cls_norm(out.token_hidden[:, 0])  # [CLS] is row 0 in both layouts
+        cls = self.cls_norm(self.pool(out, special_tokens_mask))
         return self.out_proj(jnp.tanh(self.dense(cls))).astype(jnp.float32), cls
 
 

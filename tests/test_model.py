@@ -9,7 +9,8 @@ from flax import nnx
 
 from mxdna_jax import convert, parity, vocab
 from mxdna_jax.capacity import CapacityOverflowError, call_with_capacity
-from mxdna_jax.model import MxDNAForMaskedLM, flatten_tokens, extract_tokens
+from mxdna_jax.config import ModelConfig
+from mxdna_jax.model import MxDNAForMaskedLM, MxDNAForSequenceClassification, extract_tokens, flatten_tokens
 
 SEQS = ["ACGTTGCAAGGCTTAGCNNATCGATCGGATCCATGCAAATTTGCGCGTATATCGCGATCGATTTAGC",
         "TTGACGGCTAGCTAGGATCGATCGTTTAAACCCGGGATATCGAT",
@@ -175,3 +176,82 @@ def test_bf16_close_to_fp32(fixture_weights):
     p32 = jax.nn.softmax(np.asarray(f32[0])[valid], -1)
     pbf = jax.nn.softmax(np.asarray(bf[0])[valid], -1)
     assert float(np.abs(p32 - pbf).max()) < 0.05
+
+
+# ----------------------------------------------------------------------------- stages, classifier pooling
+
+
+def test_stages_compose_the_forward(fixture_weights):
+    """The public stage methods, called in order, give the forward's outputs bit for bit (the
+    benchmark's breakdown times exactly these)."""
+    ids, am = batch(SEQS, pad_to=96)
+    for mode, cap in (("original", None), ("compact", 64)):
+        m = model_from_fixture(fixture_weights, mode=mode)
+
+        @nnx.jit
+        def both(m, ids, am):
+            full = m(ids, am, token_capacity=cap)
+            bb = m.model
+            am32, sm = bb.masks(ids, am)
+            h = bb.nucleotide_stage(bb.embed_ids(ids), am32).hidden
+            tk = bb.tokenization
+            r = tk.route(h, am32, sm)
+            u, _ = tk.embed_units(h, r)
+            hidden, pos, mask, _ = tk.assemble(u, am32, sm, tk.token_mask(r.units.center, am32, sm), cap)
+            tok = bb.tokenizer_stage(h, am32, sm, capacity=cap)
+            final = bb.token_stage(tok)
+            logits = m.decoder_stage(h, final, tok.positions, tok.mask, am32)
+            return full, (hidden, pos, mask), tok, logits
+
+        full, parts, tok, logits = both(m, ids, am)
+        for a, b in zip(parts, (tok.hidden, tok.positions, tok.mask)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(tok.router_logits), np.asarray(full.backbone.router_logits))
+        np.testing.assert_array_equal(np.asarray(logits), np.asarray(full.logits))
+
+
+def cls_model(fx, **overrides):
+    cfg = parity.fixture_config(fx, **overrides)
+    m = MxDNAForSequenceClassification(cfg, rngs=nnx.Rngs(0))  # fixture backbone, fresh head
+    nnx.update(m.model, nnx.state(model_from_fixture(fx, **overrides).model))
+    return m
+
+
+def test_cls_pool_mean_and_cls(fixture_weights):
+    ids, am = batch(SEQS, pad_to=96)
+    sm = (ids == vocab.CLS) | (ids == vocab.SEP) | (ids == vocab.PAD)
+    assert ModelConfig().cls_pool == "cls"
+    with pytest.raises(ValueError, match="cls_pool must be 'cls' or 'mean'"):
+        ModelConfig(cls_pool="max")
+    with pytest.raises(ValueError, match="no official MxDNA config for cls_pool='mean'"):
+        ModelConfig(cls_pool="mean").to_official()
+
+    @nnx.jit(static_argnames=("cap",))
+    def run(m, ids, am, cap=None):
+        return m(ids, am, token_capacity=cap, capture=True)
+
+    def manual_head(m, x_BD):
+        x = m.cls_norm(x_BD)
+        return np.asarray(m.out_proj(jnp.tanh(m.dense(x))).astype(jnp.float32))
+
+    got = {}
+    for pool in ("cls", "mean"):
+        for mode, cap in (("original", None), ("compact", 64)):
+            m = cls_model(fixture_weights, batch_independent=True, mode=mode, cls_pool=pool)
+            logits, out = run(m, ids, am, cap)
+            ext = extract_tokens(out, sm)
+            toks, mask = np.asarray(ext.tokens, np.float64), np.asarray(ext.mask, bool)
+            if pool == "cls":
+                want_in = np.asarray(out.token_hidden[:, 0])
+            else:
+                assert (mask.sum(1) > 0).all()
+                want_in = np.stack([toks[b][mask[b]].mean(0) for b in range(len(toks))]).astype(np.float32)
+            np.testing.assert_allclose(np.asarray(logits), manual_head(m, jnp.asarray(want_in)), atol=2e-5)
+            got[pool, mode] = np.asarray(logits)
+    for pool in ("cls", "mean"):  # compact == original
+        np.testing.assert_allclose(got[pool, "compact"], got[pool, "original"], atol=2e-5)
+    assert np.abs(got["cls", "original"] - got["mean", "original"]).max() > 1e-4
+    # the default ('cls') is the official head's number: pool = the [CLS] row
+    m = cls_model(fixture_weights, batch_independent=True)
+    logits, out = run(m, ids, am)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(m.head(out)[0]), rtol=1e-6, atol=1e-7)
