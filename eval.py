@@ -34,12 +34,7 @@ from ml_collections import config_flags
 
 from mxdna_jax import cli
 
-# The repository's configs/tiny.py wherever the command is run from. Given as an explicit
-# --config rather than a flag default: config_flags parses a default (and every --config.x
-# override) while the flag is being defined, outside the error handling of cli.parse_flags.
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
-if __name__ == "__main__" and not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
-    sys.argv.insert(1, f"--config={_DEFAULT_CONFIG}")
+cli.default_config_flag(__file__, __name__)  # configs/tiny.py of this repository unless --config
 _CONFIG = config_flags.DEFINE_config_file("config", None, "finetune: model and finetune settings",
                                           lock_config=True)
 _TASK = flags.DEFINE_string("task", None, "finetune: labelled task directory (several: comma-separated)")

@@ -19,12 +19,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-# The repository's configs/tiny.py wherever the command is run from. Given as an explicit
-# --config rather than a flag default: config_flags parses a default (and every --config.x
-# override) while the flag is being defined, outside the error handling of cli.parse_flags.
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
-if __name__ == "__main__" and not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
-    sys.argv.insert(1, f"--config={_DEFAULT_CONFIG}")
+from mxdna_jax import cli  # light (os, sys): the heavy imports wait until flags are parsed
+
+cli.default_config_flag(__file__, __name__)  # configs/tiny.py of this repository unless --config
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config())",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics.jsonl, tb/)")
@@ -39,8 +36,6 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-    from mxdna_jax import cli
-
     if len(argv) > 1:
         return cli.fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)")
     from mxdna_jax import distributed
@@ -84,6 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from mxdna_jax import cli
-
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

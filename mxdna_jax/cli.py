@@ -68,3 +68,12 @@ def parse_flags(argv):
         named = [a for a in argv[1:] if a.startswith("--config.") and f".{key}" in a.split("=")[0]]
         where = named[0] if named else "a --config override"
         sys.exit(fail(f"{where}: no config field {key!r}" + (f"; {hint.strip()}" if hint else "")))
+
+
+def default_config_flag(script: str, module_name: str) -> None:
+    """Run as a script without --config: use the repository's configs/tiny.py (wherever the
+    command is run from). Inserted as an explicit --config rather than a flag default, because
+    config_flags parses a default, with every --config.x override, while the flag is being
+    defined: outside `parse_flags`' one-line error handling. Call before DEFINE_config_file."""
+    if module_name == "__main__" and not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+        sys.argv.insert(1, f"--config={os.path.join(os.path.dirname(os.path.abspath(script)), 'configs', 'tiny.py')}")
