@@ -3,6 +3,7 @@
     python eval.py mlm --workdir=DIR --fasta=FILE [--checkpoint=STEP_DIR] [--batches=8] [--seed=0]
     python eval.py embed --init_from=MODEL --fasta=in.fa --out=emb.npy [--pool=mean|cls|tokens]
     python eval.py tokenize --init_from=MODEL --fasta=in.fa [--out=units.bed]
+    python eval.py plots --init_from=MODEL --fasta=in.fa --workdir=OUT [--task=DIR[,DIR...]] [--bpe=bpe.json]
     python eval.py finetune --task=DIR[,DIR...] --workdir=OUT [--init_from=MODEL] [--config=configs/X.py]
                             [--seeds=3] [--config.finetune.epochs=3 ...]
 
@@ -11,6 +12,10 @@ newest verified checkpoint of a train.py run on deterministic windows of any FAS
 `embed` writes one row per FASTA record, in file order (`--out`, plus OUT.ids.txt with the record
 ids; `--pool=tokens` writes an .npz of every unit token with offsets). `tokenize` writes each
 record's learnt units as BED-like lines `record  start  end  length` (0-based, end exclusive).
+`plots` writes OUT/tokenization.png (the first record cut by the learnt tokenizer over two
+stochastic passes and in eval mode, beside non-overlapping 6-mers and BPE), OUT/token_lengths.png
+(token-length histograms per dataset: the FASTA and each --task) and OUT/embedding_map.png (t-SNE
+of mean-pooled embeddings of the first task's test split, coloured by label).
 `finetune` trains the [CLS] classifier on each labelled task (GUE CSV, Genomic Benchmarks folders
 or one FASTA per class), early-stopped on dev MCC, tests the best-dev parameters, repeats over
 seeds, and writes OUT/<task>/results.json|md plus OUT/results.md (one row per task). Without
@@ -49,6 +54,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "window and masking seed")
 _OUT = flags.DEFINE_string("out", None, "output file (mlm: default WORKDIR/eval_mlm.json)")
 _INIT = flags.DEFINE_string("init_from", None, "embed/tokenize: the trained model (workdir, step dir, params dir "
                             "or official .safetensors)")
+_BPE = flags.DEFINE_string("bpe", None, "plots: a trained BPE tokenizer (JSON) to compare with")
 _POOL = flags.DEFINE_enum("pool", "mean", ["mean", "cls", "tokens"], "embed: pooling of the token states")
 
 
@@ -190,6 +196,68 @@ def eval_tokenize() -> None:
         sys.stdout.write(text)
 
 
+def _windows(seqs, limit: int, n: int):
+    """Up to n pieces of at most `limit` nt, in order (records longer than the model are cut)."""
+    out = []
+    for s in seqs:
+        out += [s[i:i + limit] for i in range(0, len(s), limit)]
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def eval_plots() -> None:
+    import jax
+
+    from mxdna_jax.evaluation import plots
+    from mxdna_jax.evaluation.embed import embed, learnt_units
+
+    model, names, seqs, _ = _model_and_records(need_out=False)
+    out = cli.abspath(_WORKDIR.value)
+    if not out:
+        raise cli.UserError("plots needs --workdir=OUT (the folder the PNGs are written to)")
+    tasks = [cli.abspath(t.strip()) for t in (_TASK.value or "").split(",") if t.strip()]
+    os.makedirs(out, exist_ok=True)
+    limit = model.cfg.max_position_embeddings - 2
+    bpe = None
+    if _BPE.value:
+        from mxdna_jax.tokenizers.bpe import BpeSegmenter
+
+        bpe = BpeSegmenter(cli.abspath(_BPE.value))
+    seq = seqs[0][:120]
+    rows = {f"MxDNA pass {i}": learnt_units(model, [seq], jitter_key=jax.random.key(i))[0] for i in (1, 2)}
+    rows["MxDNA (eval)"] = learnt_units(model, [seq])[0]
+    rows["6-mer"] = [(a, min(6, len(seq) - a)) for a in range(0, len(seq), 6)]
+    if bpe is not None:
+        rows["BPE"] = bpe.units(seq)
+    from mxdna_jax import vocab
+
+    paths = [plots.tokenization_figure(vocab.decode(seq), rows, os.path.join(out, "tokenization.png"),
+                                       title=f"{names[0]}: first {len(seq)} nt")]
+    datasets = {os.path.basename(_FASTA.value): _windows(seqs, limit, 200)}
+    loaded = []
+    if tasks:
+        from mxdna_jax.tasks import load_task
+
+        for t in tasks:
+            task = load_task(t, dev_fraction=0.1, test_fraction=0.1)
+            test = task.subsample("test", 400, seed=0).test
+            loaded.append((task, test))
+            datasets[task.name] = [test.row_ids(i)[:limit] for i in range(len(test.labels))]
+    hist = {}
+    for name, pieces in datasets.items():
+        hist[name] = {"MxDNA": [k for us in learnt_units(model, pieces) for _, k in us]}
+        if bpe is not None:
+            hist[name]["BPE"] = [k for p in pieces for _, k in bpe.units(p)]
+    paths.append(plots.length_histograms(hist, os.path.join(out, "token_lengths.png")))
+    if loaded:
+        task, test = loaded[0]
+        emb = embed(model, datasets[task.name], pool="mean", batch_size=_BATCH_SIZE.value)
+        paths.append(plots.embedding_map(emb, test.labels, os.path.join(out, "embedding_map.png"),
+                                         class_names=task.class_names, title=f"{task.name} (test, mean pooling)"))
+    print("wrote " + ", ".join(paths))
+
+
 def eval_finetune() -> None:
     import copy
     import dataclasses
@@ -231,7 +299,7 @@ def main(argv):
     from mxdna_jax.checkpoint import CorruptCheckpointError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
-    commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize, "finetune": eval_finetune}
+    commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize, "finetune": eval_finetune, "plots": eval_plots}
     if len(argv) != 2 or argv[1] not in commands:
         return cli.fail(f"usage: eval.py {{{','.join(commands)}}} [flags]; got {argv[1:]}", cli.EXIT_BAD_INPUT)
     try:
