@@ -48,9 +48,11 @@ class ModelConfig:
     # Rematerialise each transformer layer in the backward pass (memory for FLOPs).
     remat: bool = False
     # The layer between nucleotide and token layers (mxdna_jax/tokenizers): 'learnt' (MxDNA),
-    # 'kmer' (non-overlapping k-mers of kmer_size), 'single' (every nucleotide a token).
+    # 'kmer' (non-overlapping k-mers of kmer_size), 'kmer_overlap' (a k-mer of kmer_size at every
+    # nucleotide, DNABERT-1), 'bpe' (units of a BPE segmentation passed as model(..., units=...),
+    # DNABERT-2), 'single' (every nucleotide a token).
     tokenizer: str = "learnt"
-    # Components of the unit tokenizers (learnt, kmer), switchable for the paper's ablation;
+    # Components of the unit tokenizers (learnt, kmer, kmer_overlap, bpe), switchable for the paper's ablation;
     # tokenizers without a component ignore its switch. experts=False: a unit is the mean of its
     # nucleotide states (no expert params; a learnt gate then learns from the aux loss alone);
     # deformable=False: a unit's token state is its embedded centre row (no deformable params);
@@ -59,6 +61,10 @@ class ModelConfig:
     deformable: bool = True
     jitter: bool = True
     kmer_size: int = 6
+    # tokenizer='bpe': vocabulary of the BPE trained on the pretraining corpus (DNABERT-2's 4096);
+    # its tokens are at most num_experts nt. Only the segmentation uses it (the model embeds units
+    # by length), so it changes no parameter.
+    bpe_vocab_size: int = 4096
     # What the sequence classifier reads: 'cls' the final [CLS] state (the official head), 'mean'
     # the mean of the final states of the valid unit tokens ([CLS]/[SEP] excluded, the rows
     # extract_tokens returns); either then goes through cls_norm -> dense -> tanh -> out_proj.
@@ -87,6 +93,9 @@ class ModelConfig:
             raise ValueError(f"kmer_size must be a positive integer, got {self.kmer_size!r}")
         if self.cls_pool not in ("cls", "mean"):
             raise ValueError(f"cls_pool must be 'cls' or 'mean', got {self.cls_pool!r}")
+        v = self.bpe_vocab_size
+        if isinstance(v, bool) or not isinstance(v, int) or v < 4:
+            raise ValueError(f"bpe_vocab_size must be an integer >= 4 (the A/C/G/T alphabet), got {v!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")

@@ -116,10 +116,12 @@ class MxDNAModel(nnx.Module):
         return NucleotideStageOutput(h_BLD, rope)
 
     def tokenizer_stage(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
-                        dense_experts: bool = False, expert_tile: int = 128, sow=None) -> TokenizationOutput:
-        """The tokenizer on the nucleotide states: token rows (B, T, D), their positions and mask."""
+                        dense_experts: bool = False, expert_tile: int = 128, sow=None,
+                        units_BL=None) -> TokenizationOutput:
+        """The tokenizer on the nucleotide states: token rows (B, T, D), their positions and mask.
+        `units_BL`: a host-made segmentation, for the tokenizers that read one (bpe)."""
         tok = self.tokenization(h_BLD, attention_mask_BL, special_BL, jitter_BLD=jitter_BLD, capacity=capacity,
-                                dense_experts=dense_experts, expert_tile=expert_tile, sow=sow)
+                                dense_experts=dense_experts, expert_tile=expert_tile, sow=sow, units_BL=units_BL)
         if sow is not None:
             if tok.router_logits is not None:
                 sow("router_logits", tok.router_logits)
@@ -147,7 +149,9 @@ class MxDNAModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask, special_tokens_mask=None, *, jitter_key=None, jitter=None,
                  token_capacity: int | None = None, capture: bool = False, dense_experts: bool = False,
-                 expert_tile: int = 128) -> BackboneOutput:
+                 expert_tile: int = 128, units=None) -> BackboneOutput:
+        """`units`: (B, L) int32 unit encoding of a host-side segmentation (tokenizer='bpe' needs it:
+        batch['units'] from tokenizers/bpe.BpeSegmenter); ignored by the other tokenizers, None is fine."""
         B, L = input_ids.shape
         am, sm = self.masks(input_ids, attention_mask, special_tokens_mask)
         inter: dict[str, Any] = {}
@@ -159,7 +163,7 @@ class MxDNAModel(nnx.Module):
         h = self.nucleotide_stage(h, am, sow=sow).hidden
         capacity = self.resolve_capacity(L, token_capacity)
         tok = self.tokenizer_stage(h, am, sm, jitter_BLD=jitter, capacity=capacity, dense_experts=dense_experts,
-                                   expert_tile=expert_tile, sow=sow)
+                                   expert_tile=expert_tile, sow=sow, units_BL=units)
         prefix = _layout_prefix(capacity)
         final = self.token_stage(tok, sow=None if sow is None else (lambda k, v: sow(prefix + k, v)))
         return BackboneOutput(h, final, tok.positions, tok.mask, tok.router_logits, tok.center, tok.all,

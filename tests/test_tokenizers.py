@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from mxdna_jax import convert, parity, tokenizers, vocab
-from mxdna_jax.config import ModelConfig
+from mxdna_jax.config import ModelConfig, expert_conv_groups
 from mxdna_jax.model import MxDNAForMaskedLM, extract_tokens
 from mxdna_jax.ops.nms import unit_layout
-from mxdna_jax.ops.units import fixed_units, unit_mean
+from mxdna_jax.ops.experts import conv_experts, sliding_conv_expert
+from mxdna_jax.ops.units import fixed_units, overlapping_kmers, sliding_mean, unit_mean
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_nucleotide_layers=1,
@@ -85,11 +86,14 @@ def unit_tiling(center, all_, am, k=None):
 
 
 def test_registry_and_config_switches():
-    assert tokenizers.NAMES == ("learnt", "kmer", "single")
+    assert tokenizers.NAMES == ("learnt", "kmer", "kmer_overlap", "bpe", "single")
     for name in tokenizers.NAMES:
-        assert tokenizers.tokenizer_class(name).__name__.lower().startswith(name)
-    with pytest.raises(ValueError, match="tokenizer must be one of 'learnt', 'kmer', 'single'; got 'bpe'"):
-        ModelConfig(tokenizer="bpe")
+        assert tokenizers.tokenizer_class(name).__name__.lower().startswith(name.replace("_", ""))
+    with pytest.raises(ValueError, match="tokenizer must be one of 'learnt', 'kmer', 'kmer_overlap', 'bpe', "
+                                         "'single'; got 'wordpiece'"):
+        ModelConfig(tokenizer="wordpiece")
+    with pytest.raises(ValueError, match="bpe_vocab_size"):
+        ModelConfig(bpe_vocab_size=2)
     with pytest.raises(ValueError, match="kmer_size"):
         ModelConfig(kmer_size=0)
     with pytest.raises(ValueError, match="deformable must be True or False"):
@@ -203,6 +207,112 @@ def test_kmer_tiling_and_compact_equals_original():
     for e in range(k):
         g = np.abs(np.asarray(flat[("model", "tokenization", "expert_conv", e)][...])).max()
         assert (g > 0) == (e in used), (e, g)
+
+
+# ----------------------------------------------------------------------------- kmer_overlap
+
+
+def test_overlapping_kmers_encoding():
+    am = jnp.asarray((np.arange(12)[None, :] < np.array([[12], [9], [3], [2]])).astype(np.int32))
+    center, all_ = overlapping_kmers(am, 4)
+    c = np.asarray(center)
+    np.testing.assert_array_equal(c, np.asarray(all_))
+    # row 0: window [1, 11); the 4-mer at p spans [p - 2, p + 2) clipped to it
+    np.testing.assert_array_equal(c[0], [-1, 1, 2, 3, 3, 3, 3, 3, 3, 3, 2, -1])
+    np.testing.assert_array_equal(c[1], [-1, 1, 2, 3, 3, 3, 3, 2, -1, -1, -1, -1])
+    np.testing.assert_array_equal(c[2], [-1, 0] + [-1] * 10)  # one nucleotide: a 1-nt "k-mer"
+    assert (c[3] == -1).all()  # no nucleotide at all
+
+
+def test_sliding_conv_expert_is_the_unit_expert_at_every_position():
+    """At stride 1 the k-mer at p gets exactly what conv_experts gives a lone unit of length k
+    centred at p (same params); window edges read zeros."""
+    k, D, L = 4, 32, 16
+    rng = np.random.default_rng(0)
+    g = expert_conv_groups(D, k)
+    p = {"pre": rng.normal(0, 0.2, (1, D, 2 * D)), "conv": [rng.normal(0, 0.2, (k, g, D // g, D // g))],
+         "norm_scale": 1 + rng.normal(0, 0.1, (1, D)), "norm_bias": rng.normal(0, 0.1, (1, D)),
+         "post": rng.normal(0, 0.2, (1, D, D))}
+    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+    x = jnp.asarray(rng.normal(size=(1, L, D)), jnp.float32)
+    am = jnp.ones((1, L), jnp.int32)
+    valid = overlapping_kmers(am, k)[0] >= 0
+    out = sliding_conv_expert(x, valid, p["pre"][0], p["conv"][0], p["norm_scale"][0], p["norm_bias"][0],
+                              p["post"][0], eps=1e-6)
+    assert (np.asarray(out)[0, [0, L - 1]] == 0).all()
+    xv = x * valid[..., None]
+    for c in range(1, L - 1):
+        s = c - k // 2  # the unit's start; expert 0 of this one-expert bank has kernel k
+        # a unit running off the row: pad the row so the unit fits, then read the centre
+        pad = max(0, -s), max(0, s + k - L)
+        xp = jnp.pad(xv, ((0, 0), pad, (0, 0)))
+        Lp = L + sum(pad)
+        cen = np.full((1, Lp), -1, np.int32)
+        cen[0, c + pad[0]] = 0
+        al = np.full((1, Lp), -1, np.int32)
+        al[0, s + pad[0]: s + pad[0] + k] = 0
+        ucp = np.where(al >= 0, c + pad[0], -1).astype(np.int32)
+        tp = np.where(al >= 0, np.arange(Lp) - (s + pad[0]), -1).astype(np.int32)
+        ref = conv_experts(xp, jnp.asarray(cen), jnp.asarray(al), jnp.asarray(ucp), jnp.asarray(tp), None, p,
+                           eps=1e-6, dense=True)
+        np.testing.assert_allclose(np.asarray(out)[0, c], np.asarray(ref)[0, c + pad[0]], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("experts", [True, False])
+def test_kmer_overlap_tokens_are_the_nucleotides(experts):
+    ids, am = batch()
+    B = ids.shape[0]
+    k = 4
+    cfg = tiny(tokenizer="kmer_overlap", kmer_size=k, experts=experts)
+    m_orig, m_comp = build(cfg.replace(mode="original")), build(cfg.replace(mode="compact"))
+    tp = tokenizer_params(m_orig)
+    assert ("gate",) not in tp and ("deform", "kernel") in tp
+    if experts:  # the expert bank is the one expert of kernel k
+        assert tp[("expert_pre",)] == (1, 32, 64) and tp[("expert_conv", 0)][0] == k
+        assert ("expert_conv", 1) not in tp
+    else:
+        assert not any(p[0].startswith("expert") for p in tp) and ("input_norm", "scale") not in tp
+    o = run(m_orig, ids, am, jitter_key=jax.random.key(1))
+    c = run(m_comp, ids, am, token_capacity=8)  # every row is a token row: the capacity is ignored
+    sm = (ids == vocab.CLS) | (ids == vocab.SEP) | (ids == vocab.PAD)
+    for out in (o, c):
+        bb = out.backbone
+        assert bb.token_hidden.shape == (B, L, 32) and not bool(out.overflow)
+        np.testing.assert_array_equal(bb.token_mask, am)
+        ext = extract_tokens(bb, sm)
+        np.testing.assert_array_equal(np.asarray(ext.mask).sum(1), [len(s) for s in SEQS])  # tokens == nucleotides
+        assert float(out.aux_loss) == 0.0 and bb.router_logits is None
+    np.testing.assert_array_equal(np.asarray(o.logits), np.asarray(c.logits))  # compact == original
+    np.testing.assert_array_equal(np.asarray(o.logits), np.asarray(run(m_orig, ids, am).logits))  # no jitter
+    if not experts:  # the mean of each k-mer's nucleotide states replaces the nucleotide's state
+        inter = run(m_orig, ids, am, capture=True).backbone.intermediates
+        h = inter["nucleotide_layer_outputs"][-1]
+        valid = overlapping_kmers(am, k)[0] >= 0
+        want = jnp.where(valid[..., None], sliding_mean(h, valid, k), h)
+        np.testing.assert_array_equal(np.asarray(inter["deform_input"]), np.asarray(want))
+    labels = jnp.where(am.astype(bool) & (ids >= vocab.A), ids, -100)
+    grads = nnx.jit(nnx.grad(lambda m: parity.mlm_ce(m(ids, am).logits, labels)))(m_orig)
+    flat = dict(nnx.to_flat_state(grads))
+    assert all(np.isfinite(np.asarray(g[...])).all() for g in flat.values())
+    if experts:
+        assert np.abs(np.asarray(flat[("model", "tokenization", "expert_conv", 0)][...])).max() > 0
+
+
+def test_sliding_mean_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 10, 3)).astype(np.float32)
+    am = (np.arange(10)[None, :] < np.array([[10], [6]])).astype(np.int32)
+    k = 3
+    valid = overlapping_kmers(jnp.asarray(am), k)[0] >= 0
+    got = np.asarray(sliding_mean(jnp.asarray(x), valid, k))
+    v = np.asarray(valid)
+    for b in range(2):
+        for p in range(10):
+            if not v[b, p]:
+                assert (got[b, p] == 0).all()
+                continue
+            rows = [q for q in range(p - k // 2, p - k // 2 + k) if 0 <= q < 10 and v[b, q]]
+            np.testing.assert_allclose(got[b, p], x[b, rows].mean(0), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- learnt defaults
@@ -349,3 +459,31 @@ def test_ablation_config_builds_runs_and_trains(variant):
 def test_ablation_rejects_unknown_variant():
     with pytest.raises(ValueError, match="single, experts, deformable, full"):
         load_ablation("jitter")
+
+
+def load_baselines(arg):
+    spec = importlib.util.spec_from_file_location("_baselines_under_test", ROOT / "configs" / "baselines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("arg", ["mxdna", "single", "kmer", "kmer_overlap", "bpe", "kmer_overlap,base"])
+def test_baseline_configs(arg):
+    c = load_baselines(arg)
+    assert c.is_locked
+    cfg = ModelConfig.from_dict(c.model.to_dict())
+    variant, _, size = arg.partition(",")
+    assert cfg.tokenizer == {"mxdna": "learnt"}.get(variant, variant)
+    assert cfg.hidden_size == (512 if size == "base" else 64)
+    if size:
+        return
+    m = build(cfg)
+    ids, am = batch()
+    units = None
+    if variant == "bpe":  # a stand-in segmentation: 3-mers, as the pipeline's batch['units'] would carry
+        units = fixed_units(am, 3)[0]
+    out = m(ids, am, units=units, token_capacity=L)
+    assert np.isfinite(np.asarray(out.logits)).all() and not bool(out.overflow)
+    with pytest.raises(ValueError, match="VARIANT"):
+        load_baselines("wordpiece")

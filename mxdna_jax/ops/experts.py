@@ -158,6 +158,32 @@ def conv_experts(x_BLD, center_BL, all_BL, unit_center_BL, tap_BL, probs_BLE, pa
     return moe_MD.reshape(B, L, D)
 
 
+def sliding_conv_expert(x_BLD, valid_BL, pre_DF, conv_KGIO, scale_D, bias_D, post_DD, *, eps: float):
+    """One conv expert of kernel k at stride 1 (overlapping k-mers): at every valid row p,
+        c[p] = sum_j W_conv[j] . GLU(W_pre x[p - k//2 + j])      (rows outside `valid_BL` read 0)
+        out[p] = W_post silu(LN(c[p]))
+    i.e. what `conv_experts` computes for a unit of length k centred at p, at every p at once; 0 at
+    invalid rows. Per-row products are rounded to x's dtype and summed in fp32, as there.
+    """
+    chex.assert_rank(x_BLD, 3)
+    B, L, D = x_BLD.shape
+    k, g, ci, _ = conv_KGIO.shape
+    chex.assert_shape(valid_BL, (B, L))
+    keep = valid_BL[..., None].astype(x_BLD.dtype)
+    glu_BLD = glu(jnp.dot(x_BLD, pre_DF.astype(x_BLD.dtype), preferred_element_type=jnp.float32).astype(x_BLD.dtype))
+    glu_BLD = glu_BLD * keep
+    y_BLKGO = jnp.einsum("blgi,kgio->blkgo", glu_BLD.reshape(B, L, g, ci), conv_KGIO.astype(x_BLD.dtype),
+                         preferred_element_type=jnp.float32)
+    y_BLKD = y_BLKGO.reshape(B, L, k, D).astype(x_BLD.dtype).astype(jnp.float32)
+    lo = k // 2
+    padded = jnp.pad(y_BLKD, ((0, 0), (lo, k - 1 - lo), (0, 0), (0, 0)))
+    c_BLD = padded[:, 0:L, 0]
+    for j in range(1, k):
+        c_BLD = c_BLD + padded[:, j: j + L, j]
+    out = expert_unit_rows(c_BLD.astype(x_BLD.dtype), scale_D, bias_D, post_DD, eps)
+    return out * keep
+
+
 def _dense_apply(fns, group_M, inputs):
     """Reference: every expert on every row, then select (E times the FLOPs)."""
     out = None

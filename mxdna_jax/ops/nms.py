@@ -129,3 +129,12 @@ def unit_layout(center_BL, all_BL, kernel_sizes=tuple(range(1, 11))):
     unit_center = jnp.where(covered, unit_start + k_here // 2, -1)
     tap = jnp.where(covered, pos - unit_start, -1)
     return unit_center, tap
+
+
+def all_from_center(center_BL, kernel_sizes=tuple(range(1, 11))):
+    """all_BL of a unit encoding given only its centres (a segmentation made elsewhere, e.g. BPE):
+    the expert index at every position a unit covers, -1 elsewhere (units must not overlap)."""
+    kernel_sizes = tuple(int(k) for k in kernel_sizes)
+    expert_ids = jnp.arange(len(kernel_sizes), dtype=jnp.int32)[None, None, :]
+    tagged_BLE = jnp.where(center_BL[..., None] == expert_ids, expert_ids + 1, 0)
+    return _cover(tagged_BLE, kernel_sizes) - 1

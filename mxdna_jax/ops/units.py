@@ -32,6 +32,48 @@ def fixed_units(attention_mask_BL, k: int):
     return center_BL.astype(jnp.int32), all_BL.astype(jnp.int32)
 
 
+def window_mask(attention_mask_BL):
+    """(B, L) bool: the window [1, n - 1) of a right-padded sequence of n valid rows."""
+    L = attention_mask_BL.shape[1]
+    n_B1 = attention_mask_BL.astype(jnp.int32).sum(axis=1, keepdims=True)
+    pos = jnp.arange(L, dtype=jnp.int32)[None, :]
+    return (pos >= 1) & (pos < n_B1 - 1)
+
+
+def overlapping_kmers(attention_mask_BL, k: int):
+    """Overlapping k-mers (DNABERT-1 style, stride 1): one centred at every window row p, spanning
+    [p - k//2, p - k//2 + k) clipped to the window, so there are as many k-mers as nucleotides.
+
+    Overlapping units have no single covering unit per position, so the NMS encoding is used
+    loosely: center_BL = all_BL = (clipped span length - 1) at every window row, -1 elsewhere.
+    """
+    chex.assert_rank(attention_mask_BL, 2)
+    if k < 1:
+        raise ValueError(f"k-mer length must be >= 1, got {k}")
+    L = attention_mask_BL.shape[1]
+    n_B1 = attention_mask_BL.astype(jnp.int32).sum(axis=1, keepdims=True)
+    pos = jnp.arange(L, dtype=jnp.int32)[None, :]
+    start = jnp.maximum(pos - k // 2, 1)
+    end = jnp.minimum(pos - k // 2 + k, n_B1 - 1)
+    center_BL = jnp.where(window_mask(attention_mask_BL), end - start - 1, -1).astype(jnp.int32)
+    return center_BL, center_BL
+
+
+def sliding_mean(x_BLD, valid_BL, k: int):
+    """(B, L, D): at each valid row p, the mean of x over the valid rows of [p - k//2, p - k//2 + k);
+    0 elsewhere. Sums accumulate in fp32."""
+    chex.assert_rank(x_BLD, 3)
+    B, L, D = x_BLD.shape
+    v = valid_BL.astype(jnp.float32)
+    lo = k // 2
+    xs = jnp.pad(x_BLD.astype(jnp.float32) * v[..., None], ((0, 0), (lo, k - 1 - lo), (0, 0)))
+    vs = jnp.pad(v, ((0, 0), (lo, k - 1 - lo)))
+    total = sum(xs[:, j: j + L] for j in range(k))
+    count = sum(vs[:, j: j + L] for j in range(k))
+    mean = total / jnp.maximum(count, 1.0)[..., None]
+    return jnp.where(valid_BL[..., None], mean, 0).astype(x_BLD.dtype)
+
+
 def unit_mean(x_BLD, unit_center_BL, center_BL):
     """(B, L, D): the mean of x over each unit, at the unit's centre row; 0 elsewhere.
 

@@ -2,10 +2,18 @@
 
 `ModelConfig.tokenizer` names one entry of `REGISTRY`:
 
-  learnt  MxDNA's layer: gate (+ router jitter) -> basic-unit NMS -> conv experts -> deformable conv
-  kmer    non-overlapping k-mers (`kmer_size`): a fixed tiling in place of gate + NMS, then the
-          same expert embedding and deformable assembly as `learnt`
-  single  every nucleotide is a token (identity; the paper's single-nucleotide baseline)
+  learnt        MxDNA's layer: gate (+ router jitter) -> basic-unit NMS -> conv experts -> deformable conv
+  kmer          non-overlapping k-mers (`kmer_size`): a fixed tiling in place of gate + NMS, then the
+                same expert embedding and deformable assembly as `learnt`
+  kmer_overlap  overlapping k-mers (DNABERT-1): a k-mer token at every nucleotide, embedded by the
+                expert of kernel `kmer_size` at stride 1, then the deformable assembly
+  bpe           units from a host-side BPE segmentation (DNABERT-2's tokenizer, trained on the
+                pretraining corpus; bpe.py), passed as `model(..., units=...)`, embedded as `learnt`'s
+  single        every nucleotide is a token (identity; the paper's single-nucleotide baseline)
+
+The baselines share the unit body (units.py) with `learnt`: a fixed segmentation yields units,
+and the same unit embedding path embeds them, so the comparison changes only how the sequence
+is cut (the paper's Table 3).
 
 All return a `base.TokenizationOutput`; the token layers, heads and losses read only that.
 
@@ -22,6 +30,8 @@ import importlib
 REGISTRY: dict[str, str] = {
     "learnt": "mxdna_jax.tokenizers.learnt:LearntTokenization",
     "kmer": "mxdna_jax.tokenizers.kmer:KmerTokenization",
+    "kmer_overlap": "mxdna_jax.tokenizers.kmer:KmerOverlapTokenization",
+    "bpe": "mxdna_jax.tokenizers.bpe:BpeTokenization",
     "single": "mxdna_jax.tokenizers.single:SingleTokenization",
 }
 NAMES: tuple[str, ...] = tuple(REGISTRY)

@@ -14,6 +14,12 @@ ops/nms.py: `center` = expert index (unit length - 1 for the 1..E kernel sizes) 
 centre, -1 elsewhere; `all` = that index at every position the unit covers. Units lie inside the
 window [1, n - 1) of a right-padded sequence of n valid rows ([CLS] at 0, [SEP] at n - 1), as the
 NMS places them. `single` reports every window position as a unit of length 1 (index 0).
+`kmer_overlap`'s units overlap, so it uses the encoding loosely: every window row is a centre,
+`center` = `all` = (its k-mer's span clipped to the window) - 1.
+
+Given units. A tokenizer whose segmentation is made on the host (`bpe`) reads it from
+`units_BL` (the `center` encoding above, int32, -1 at [CLS]/[SEP]/padding); the model passes its
+`units=` argument here. Every other tokenizer ignores `units_BL`, so callers may pass it always.
 
 Absent diagnostics are None, not zero-size arrays: a tokenizer without a router returns
 `router_logits=None`. None is an empty pytree, so jit, vmap, scan and nnx transforms pass it
@@ -47,7 +53,8 @@ class Tokenizer(Protocol):
     uses_jitter: bool
 
     def __call__(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
-                 dense_experts: bool = False, expert_tile: int = 128, sow=None) -> TokenizationOutput: ...
+                 dense_experts: bool = False, expert_tile: int = 128, sow=None,
+                 units_BL=None) -> TokenizationOutput: ...
 
 
 def gather_rows(x_BL_, idx_BT):

@@ -66,7 +66,7 @@ class LearntTokenization(UnitTokenizer):
         """(center, all): the basic units the greedy NMS keeps (no gradient flows through the choice)."""
         return basic_unit_nms(jax.lax.stop_gradient(logits_BLE), attention_mask_BL, self.kernel_sizes)
 
-    def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
+    def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD, units_BL=None) -> Units:
         logits_BLE = self.gate_logits(x_BLD, special_BL, jitter_BLD)
         center, all_ = self.nms(logits_BLE, attention_mask_BL)
         # the expert outputs are weighted by the router probability: the MLM loss's path to the gate

@@ -24,7 +24,8 @@ class SingleTokenization(nnx.Module):
         del cfg, rngs, dtype, param_dtype  # nothing to build
 
     def __call__(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
-                 dense_experts: bool = False, expert_tile: int = 128, sow=None) -> TokenizationOutput:
+                 dense_experts: bool = False, expert_tile: int = 128, sow=None,
+                 units_BL=None) -> TokenizationOutput:
         B, L, _ = h_BLD.shape
         center, all_ = fixed_units(attention_mask_BL, 1)
         return TokenizationOutput(h_BLD, arange_positions(B, L), attention_mask_BL.astype(jnp.int32), None,

@@ -139,15 +139,16 @@ class UnitTokenizer(nnx.Module):
         None when nothing reads it (then this is None too)."""
         return None if self.input_norm is None else self.input_norm(h_BLD)
 
-    def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD) -> Units:
+    def select(self, x_BLD, attention_mask_BL, special_BL, jitter_BLD, units_BL=None) -> Units:
+        """The units (`units_BL`: a given segmentation, read only by tokenizers that need one)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ stages (__call__ is made of these)
 
-    def route(self, h_BLD, attention_mask_BL, special_BL, jitter_BLD=None) -> Routing:
+    def route(self, h_BLD, attention_mask_BL, special_BL, jitter_BLD=None, units_BL=None) -> Routing:
         """Input LN -> unit selection (`select`) -> each covered position's unit centre and tap."""
         x = self.normed(h_BLD)
-        units = self.select(x, attention_mask_BL, special_BL, jitter_BLD)
+        units = self.select(x, attention_mask_BL, special_BL, jitter_BLD, units_BL)
         unit_center, tap = unit_layout(units.center, units.all, self.kernel_sizes)
         return Routing(x, units, unit_center, tap)
 
@@ -183,8 +184,9 @@ class UnitTokenizer(nnx.Module):
         return out, pos, mask, overflow
 
     def __call__(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
-                 dense_experts: bool = False, expert_tile: int = 128, sow=None) -> TokenizationOutput:
-        r = self.route(h_BLD, attention_mask_BL, special_BL, jitter_BLD)
+                 dense_experts: bool = False, expert_tile: int = 128, sow=None,
+                 units_BL=None) -> TokenizationOutput:
+        r = self.route(h_BLD, attention_mask_BL, special_BL, jitter_BLD, units_BL)
         u, moe = self.embed_units(h_BLD, r, dense_experts=dense_experts, expert_tile=expert_tile)
         token_mask = self.token_mask(r.units.center, attention_mask_BL, special_BL)
         if sow is not None:
