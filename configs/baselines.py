@@ -13,7 +13,8 @@ so only the segmentation differs; `single` has no unit body (identity).
 
 bpe: the model reads the segmentation from batch['units'], which the data pipeline adds with
 tokenizers/bpe.BpeSegmenter(<workdir>/bpe_tokenizer.json) (trained by tokenizers/bpe.ensure_tokenizer
-on the pretraining corpus before the first step; `model.bpe_vocab_size` is its vocabulary).
+on the pretraining corpus before the first step with `model.bpe_vocab_size` tokens, or copied
+from `model.bpe_path` when that names a file).
 """
 
 import ml_collections

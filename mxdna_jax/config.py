@@ -65,6 +65,9 @@ class ModelConfig:
     # its tokens are at most num_experts nt. Only the segmentation uses it (the model embeds units
     # by length), so it changes no parameter.
     bpe_vocab_size: int = 4096
+    # tokenizer='bpe': the tokenizer JSON ('' = <workdir>/bpe_tokenizer.json, trained on the
+    # pretraining corpus at the first start; tokenizers/bpe.ensure_tokenizer copies a given one there).
+    bpe_path: str = ""
     # What the sequence classifier reads: 'cls' the final [CLS] state (the official head), 'mean'
     # the mean of the final states of the valid unit tokens ([CLS]/[SEP] excluded, the rows
     # extract_tokens returns); either then goes through cls_norm -> dense -> tanh -> out_proj.
@@ -93,6 +96,8 @@ class ModelConfig:
             raise ValueError(f"kmer_size must be a positive integer, got {self.kmer_size!r}")
         if self.cls_pool not in ("cls", "mean"):
             raise ValueError(f"cls_pool must be 'cls' or 'mean', got {self.cls_pool!r}")
+        if not isinstance(self.bpe_path, str):
+            raise ValueError(f"bpe_path must be a string ('' = <workdir>/bpe_tokenizer.json), got {self.bpe_path!r}")
         v = self.bpe_vocab_size
         if isinstance(v, bool) or not isinstance(v, int) or v < 4:
             raise ValueError(f"bpe_vocab_size must be an integer >= 4 (the A/C/G/T alphabet), got {v!r}")

@@ -224,3 +224,8 @@ def test_wrap_objective(bpe_path):
     assert isinstance(w, bpe.WithUnits) and w.objective is mlm and w.segmenter.max_unit_length == 6
     with pytest.raises(FileNotFoundError, match="bpe_tokenizer.json"):
         bpe.wrap_objective(mlm, ModelConfig(tokenizer="bpe"), None)
+    # the model config may name the file (ModelConfig.bpe_path)
+    w = bpe.wrap_objective(mlm, ModelConfig(tokenizer="bpe", bpe_path=str(bpe_path)))
+    assert w.segmenter.json == bpe_path.read_text()
+    with pytest.raises(ValueError, match="bpe_path must be a string"):
+        ModelConfig(bpe_path=None)

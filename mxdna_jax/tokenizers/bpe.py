@@ -335,9 +335,10 @@ def unit_length_histogram(center, max_len: int = MAX_TOKEN_LENGTH) -> np.ndarray
 
 def wrap_objective(objective, model_config, path=None):
     """`objective` itself unless `model_config.tokenizer == 'bpe'`; then WithUnits around it, segmenting
-    with the BPE JSON at `path` (units of at most num_experts nt)."""
+    with the BPE JSON at `path` (default: `model_config.bpe_path`; units of at most num_experts nt)."""
     if model_config.tokenizer != "bpe":
         return objective
+    path = path or model_config.bpe_path or None
     if path is None or not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"tokenizer='bpe' needs its BPE tokenizer file ({BPE_FILENAME}); got {path!r}")
     return WithUnits(objective, BpeSegmenter(path, max_unit_length=model_config.num_experts))
