@@ -110,6 +110,11 @@ def eval_mlm() -> dict:
     model, step = params_io.load_from_workdir(paths["workdir"], step_dir=paths["checkpoint"])
     batches = fasta_eval_batches(paths["fasta"], window=window, batch_size=_BATCH_SIZE.value,
                                  n_batches=_BATCHES.value, seed=_SEED.value)
+    from mxdna_jax.evaluation.embed import segmenter_for
+
+    seg = segmenter_for(model, paths["workdir"])
+    if seg is not None:  # units of the masked input, as in training
+        batches = [dict(b, units=seg(b["input_ids"])) for b in batches]
 
     @nnx.jit(static_argnames=("token_capacity",))
     def eval_step(model, batch, token_capacity):
@@ -154,7 +159,10 @@ def _model_and_records(need_out: bool):
     from mxdna_jax.evaluation.loading import load_model
 
     names, seqs = _fasta_records(fasta)  # parse first: a bad FASTA fails before a model is loaded
-    return load_model(init, head="tokens"), names, seqs, out
+    from mxdna_jax.evaluation.embed import segmenter_for
+
+    model = load_model(init, head="tokens")
+    return model, names, seqs, out, segmenter_for(model, init)
 
 
 def eval_embed() -> None:
@@ -163,9 +171,10 @@ def eval_embed() -> None:
 
     from mxdna_jax.evaluation.embed import embed
 
-    model, names, seqs, out = _model_and_records(need_out=True)
+    model, names, seqs, out, seg = _model_and_records(need_out=True)
     with tqdm(total=len(seqs), unit="seq", desc="embed") as bar:
-        emb = embed(model, seqs, pool=_POOL.value, batch_size=_BATCH_SIZE.value, names=names, progress=bar.update)
+        emb = embed(model, seqs, pool=_POOL.value, batch_size=_BATCH_SIZE.value, names=names, progress=bar.update,
+                    segmenter=seg)
     base = out[:-4] if out.endswith((".npy", ".npz")) else out
     if _POOL.value == "tokens":
         out = base + ".npz"
@@ -182,8 +191,8 @@ def eval_embed() -> None:
 def eval_tokenize() -> None:
     from mxdna_jax.evaluation.embed import learnt_units
 
-    model, names, seqs, out = _model_and_records(need_out=False)
-    units = learnt_units(model, seqs, batch_size=_BATCH_SIZE.value, names=names)
+    model, names, seqs, out, seg = _model_and_records(need_out=False)
+    units = learnt_units(model, seqs, batch_size=_BATCH_SIZE.value, names=names, segmenter=seg)
     lines = [f"{n}\t{a}\t{a + k}\t{k}" for n, us in zip(names, units) for a, k in us]
     text = "\n".join(lines) + "\n"
     if out:
@@ -212,7 +221,7 @@ def eval_plots() -> None:
     from mxdna_jax.evaluation import plots
     from mxdna_jax.evaluation.embed import embed, learnt_units
 
-    model, names, seqs, _ = _model_and_records(need_out=False)
+    model, names, seqs, _, seg = _model_and_records(need_out=False)
     out = cli.abspath(_WORKDIR.value)
     if not out:
         raise cli.UserError("plots needs --workdir=OUT (the folder the PNGs are written to)")
@@ -225,11 +234,12 @@ def eval_plots() -> None:
 
         bpe = BpeSegmenter(cli.abspath(_BPE.value))
     seq = seqs[0][:120]
-    rows = {f"MxDNA pass {i}": learnt_units(model, [seq], jitter_key=jax.random.key(i))[0] for i in (1, 2)}
-    rows["MxDNA (eval)"] = learnt_units(model, [seq])[0]
+    rows = {f"model pass {i}": learnt_units(model, [seq], jitter_key=jax.random.key(i), segmenter=seg)[0]
+            for i in (1, 2)}
+    rows["model (eval)"] = learnt_units(model, [seq], segmenter=seg)[0]
     rows["6-mer"] = [(a, min(6, len(seq) - a)) for a in range(0, len(seq), 6)]
     if bpe is not None:
-        rows["BPE"] = bpe.units(seq)
+        rows["BPE"] = list(zip(*bpe.units(seq)))
     from mxdna_jax import vocab
 
     paths = [plots.tokenization_figure(vocab.decode(seq), rows, os.path.join(out, "tokenization.png"),
@@ -246,13 +256,13 @@ def eval_plots() -> None:
             datasets[task.name] = [test.row_ids(i)[:limit] for i in range(len(test.labels))]
     hist = {}
     for name, pieces in datasets.items():
-        hist[name] = {"MxDNA": [k for us in learnt_units(model, pieces) for _, k in us]}
+        hist[name] = {"model": [k for us in learnt_units(model, pieces, segmenter=seg) for _, k in us]}
         if bpe is not None:
-            hist[name]["BPE"] = [k for p in pieces for _, k in bpe.units(p)]
+            hist[name]["BPE"] = [int(k) for p in pieces for k in bpe.units(p)[1]]
     paths.append(plots.length_histograms(hist, os.path.join(out, "token_lengths.png")))
     if loaded:
         task, test = loaded[0]
-        emb = embed(model, datasets[task.name], pool="mean", batch_size=_BATCH_SIZE.value)
+        emb = embed(model, datasets[task.name], pool="mean", batch_size=_BATCH_SIZE.value, segmenter=seg)
         paths.append(plots.embedding_map(emb, test.labels, os.path.join(out, "embedding_map.png"),
                                          class_names=task.class_names, title=f"{task.name} (test, mean pooling)"))
     print("wrote " + ", ".join(paths))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 from mxdna_jax import cli, heads, objectives
 from mxdna_jax.capacity import CapacityPolicy
@@ -18,6 +19,8 @@ class Experiment:
     objective: objectives.Objective
     seed: int = 0
     capacity_growth: float = 1.5
+    # host-side unit encoding for tokenizers that take their units as an input (bpe): ids -> units
+    segmenter: Any = None
 
     @property
     def head(self) -> str:
@@ -29,6 +32,13 @@ class Experiment:
 
     def loss_fn(self, model, batch, rng, *, token_capacity=None):
         return self.objective.loss(model, batch, rng, token_capacity=token_capacity)
+
+    def add_units(self, batch: dict) -> dict:
+        """`batch` with the unit encoding a host-segmented tokenizer needs (batches that did not
+        come through `objective.example`, e.g. labelled tasks); unchanged for the others."""
+        if self.segmenter is None:
+            return batch
+        return dict(batch, units=self.segmenter(batch["input_ids"]))
 
     def capacity(self, length: int) -> CapacityPolicy:
         """The token-capacity policy at padded length `length` (incl. [CLS]/[SEP])."""
@@ -42,12 +52,23 @@ def model_config(config) -> ModelConfig:
         raise cli.UserError(f"model config: {cli.one_line(e)}") from None
 
 
-def build(config) -> Experiment:
-    """The experiment a train.py-shaped ConfigDict describes (UserError naming a bad field)."""
+def build(config, *, bpe_path: str | None = None) -> Experiment:
+    """The experiment a train.py-shaped ConfigDict describes (UserError naming a bad field).
+    `bpe_path`: the BPE tokenizer JSON of a `tokenizer='bpe'` model (default model.bpe_path)."""
     name = str(config.get("objective", "mlm"))
     try:
         objective = objectives.get(name, config)
     except ValueError as e:
         raise cli.UserError(f"objective: {cli.one_line(e)}") from None
-    return Experiment(model_config(config), objective, seed=int(config.train.seed),
-                      capacity_growth=float(config.train.get("capacity_growth", 1.5)))
+    mc = model_config(config)
+    segmenter = None
+    if mc.tokenizer == "bpe":
+        from mxdna_jax.tokenizers import bpe
+
+        try:
+            objective = bpe.wrap_objective(objective, mc, bpe_path)
+        except (ValueError, OSError) as e:
+            raise cli.UserError(f"model.tokenizer='bpe': {cli.one_line(e)}") from None
+        segmenter = objective.segmenter
+    return Experiment(mc, objective, seed=int(config.train.seed),
+                      capacity_growth=float(config.train.get("capacity_growth", 1.5)), segmenter=segmenter)

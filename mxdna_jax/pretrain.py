@@ -52,11 +52,10 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
 
     workdir = cli.abspath(workdir)
     validate.check_training_config(config)
-    exp = build.build(config)
-    if exp.objective.name != "mlm":
-        raise UserError(f"objective={exp.objective.name!r}: train.py pretrains on unlabelled FASTA windows, "
+    mc = build.model_config(config)
+    if str(config.get("objective", "mlm")) != "mlm":
+        raise UserError(f"objective={config.objective!r}: train.py pretrains on unlabelled FASTA windows, "
                         "which only the 'mlm' objective can use")
-    mc = exp.model_config
     dc = data_config(config.data)
     check_paths(dc)
     L = dc.seq_length
@@ -72,6 +71,14 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
     if not resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise UserError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
                         f"use a new --workdir (nothing is overwritten)")
+    bpe_path = None
+    if mc.tokenizer == "bpe":  # trained on this run's corpus and kept next to its checkpoints
+        from mxdna_jax.data.pipeline import default_corpus_paths
+        from mxdna_jax.tokenizers import bpe
+
+        bpe_path = str(bpe.ensure_tokenizer(workdir, dc.fasta or default_corpus_paths(), mc.bpe_vocab_size,
+                                            source=mc.bpe_path or None))
+    exp = build.build(config, bpe_path=bpe_path)
     try:
         PretrainData(dc, objective=exp.objective)  # opens (and caches) the corpus and validates it before any compile
     except (ValueError, OSError) as e:

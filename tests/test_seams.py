@@ -37,7 +37,8 @@ def small_config(**top):
 
 
 def labelled_batch(exp, n=8, seed=0):
-    """Real windows with the objective's own example transform (labels: a GC-content class)."""
+    """Real windows with the objective's own example transform (labels: a GC-content class;
+    the units of a host-segmented tokenizer are added by the transform too)."""
     mlm = next(iter(PretrainData(PretrainDataConfig(window=62, global_batch_size=n, seed=seed)).dataset()))
     tokens = np.where(mlm["labels"] != vocab.IGNORE_LABEL, mlm["labels"], mlm["input_ids"])  # unmasked
     rng = np.random.default_rng(seed)
@@ -51,9 +52,20 @@ def labelled_batch(exp, n=8, seed=0):
 COMBOS = [(t, o) for t in tokenizers.NAMES for o in sorted(objectives.OBJECTIVES)]
 
 
+@pytest.fixture(scope="module")
+def bpe_json(tmp_path_factory):
+    from mxdna_jax.data.pipeline import default_corpus_paths
+    from mxdna_jax.tokenizers import bpe
+
+    path = tmp_path_factory.mktemp("bpe") / "bpe.json"
+    bpe.train_bpe(default_corpus_paths(), 64, str(path))
+    return str(path)
+
+
 @pytest.mark.parametrize("tokenizer,objective", COMBOS)
-def test_every_tokenizer_and_objective_trains_one_sharded_step(tokenizer, objective):
-    config = small_config(objective=objective, model={"tokenizer": tokenizer})
+def test_every_tokenizer_and_objective_trains_one_sharded_step(tokenizer, objective, bpe_json):
+    model = {"tokenizer": tokenizer, "bpe_path": bpe_json if tokenizer == "bpe" else ""}
+    config = small_config(objective=objective, model=model)
     exp = build.build(config)
     assert exp.model_config.tokenizer == tokenizer and exp.objective.name == objective
     mesh = sharding.make_mesh(4, 1, 2)  # 8 fake devices: data x model
@@ -65,8 +77,8 @@ def test_every_tokenizer_and_objective_trains_one_sharded_step(tokenizer, object
     state, m, cap = trainer.train_step_with_retry(step, state, batch, policy.initial, policy)
     assert int(state.step) == 1 and bool(m["applied"]) and np.isfinite(m["loss"])
     model = nnx.merge(graphdef, state.params, state.rest)
-    out = model.model(batch["input_ids"], batch["attention_mask"], token_capacity=cap)
-    if tokenizer == "single":
+    out = model.model(batch["input_ids"], batch["attention_mask"], token_capacity=cap, units=batch.get("units"))
+    if tokenizer in ("single", "kmer_overlap"):
         # no merging: every nucleotide (and [CLS]/[SEP]) is a token, and nothing to balance
         np.testing.assert_array_equal(np.asarray(out.token_mask).sum(1), np.asarray(batch["attention_mask"]).sum(1))
         assert float(out.aux_loss) == 0.0

@@ -77,21 +77,36 @@ def batches_by_bucket(ids: Sequence[np.ndarray], batch_size: int, limit: int) ->
 
 
 @nnx.jit(static_argnames=("token_capacity",))
-def _tokens_forward(model, ids, am, key, token_capacity):
+def _tokens_forward(model, ids, am, key, units, token_capacity):
     # One jitted function for every call: compiled once per (model structure, batch shape, capacity).
-    return model(ids, am, jitter_key=key, token_capacity=token_capacity)
+    return model(ids, am, jitter_key=key, token_capacity=token_capacity, units=units)
 
 
-def _forward(model, L: int) -> Callable:
+def segmenter_for(model, source: str | None = None):
+    """The host-side unit encoder a `tokenizer='bpe'` model needs (the BPE JSON next to the
+    source's checkpoint, else model.bpe_path); None for every other tokenizer."""
+    if model.cfg.tokenizer != "bpe":
+        return None
+    import pathlib
+
+    from mxdna_jax.tokenizers import bpe
+
+    beside = pathlib.Path(source or "") / bpe.BPE_FILENAME
+    return bpe.BpeSegmenter(str(beside) if source and beside.is_file() else model.cfg.bpe_path,
+                            max_unit_length=model.cfg.num_experts)
+
+
+def _forward(model, L: int, segmenter=None) -> Callable:
     """fn(batch, jitter_key=None) -> TokenExtractionOutput on host, the compact capacity re-run
     larger on overflow (the policy of length L)."""
     policy = CapacityPolicy.for_model(model.cfg, L)
 
     def call(batch, jitter_key=None):
         ids, am = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+        units = None if segmenter is None else jnp.asarray(segmenter(batch["input_ids"]))
 
         def attempt(cap):
-            out = _tokens_forward(model, ids, am, jitter_key, token_capacity=cap)
+            out = _tokens_forward(model, ids, am, jitter_key, units, token_capacity=cap)
             return out, out.backbone.overflow
 
         out, _ = policy.run(attempt)
@@ -100,7 +115,7 @@ def _forward(model, L: int) -> Callable:
     return call
 
 
-def embed(model, seqs, *, pool: str = "mean", batch_size: int = 16, names=None, progress=None):
+def embed(model, seqs, *, pool: str = "mean", batch_size: int = 16, names=None, progress=None, segmenter=None):
     """Pooled embeddings (N, D) for pool 'mean' (over each sequence's unit tokens) or 'cls' (the
     final [CLS] state); all unit tokens for pool 'tokens'."""
     if pool not in POOLS:
@@ -112,7 +127,7 @@ def embed(model, seqs, *, pool: str = "mean", batch_size: int = 16, names=None, 
     forwards: dict[int, Callable] = {}
     for idx, batch in batches_by_bucket(ids, batch_size, limit):
         L = batch["input_ids"].shape[1]
-        out = forwards.setdefault(L, _forward(model, L))(batch)
+        out = forwards.setdefault(L, _forward(model, L, segmenter))(batch)
         mask = np.asarray(out.mask, bool)
         tokens = np.asarray(out.tokens, np.float32)
         for row, i in enumerate(idx):
@@ -142,7 +157,8 @@ def units_from_centers(center_L: np.ndarray, n_nt: int) -> list[tuple[int, int]]
     return out
 
 
-def learnt_units(model, seqs, *, batch_size: int = 16, names=None, jitter_key=None) -> list[list[tuple[int, int]]]:
+def learnt_units(model, seqs, *, batch_size: int = 16, names=None, jitter_key=None,
+                 segmenter=None) -> list[list[tuple[int, int]]]:
     """Each sequence's units (start, length). `jitter_key`: a training-mode (stochastic) pass."""
     limit = model.cfg.max_position_embeddings
     ids = encode_all(seqs, limit, names)
@@ -150,7 +166,7 @@ def learnt_units(model, seqs, *, batch_size: int = 16, names=None, jitter_key=No
     forwards: dict[int, Callable] = {}
     for idx, batch in batches_by_bucket(ids, batch_size, limit):
         L = batch["input_ids"].shape[1]
-        out = forwards.setdefault(L, _forward(model, L))(batch, jitter_key)
+        out = forwards.setdefault(L, _forward(model, L, segmenter))(batch, jitter_key)
         for row, i in enumerate(idx):
             units[i] = units_from_centers(np.asarray(out.backbone.center[row]), len(ids[i]))
     return units

@@ -78,7 +78,7 @@ class _Logits:
         def fwd(params, rest, batch, token_capacity):
             model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
             logits, out = model(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"],
-                                token_capacity=token_capacity)
+                                token_capacity=token_capacity, units=batch.get("units"))
             return logits, out.overflow
 
         self.jitted = jax.jit(fwd, in_shardings=(shardings.params, shardings.rest, sharding.batch_sharding(mesh)),
@@ -98,11 +98,16 @@ class _Logits:
         return np.asarray(jax.device_get(logits), np.float32)
 
 
-def evaluate_split(logits_fn, params, rest, encoded, batch_size, to_global) -> dict[str, float]:
+def _model_batch(exp, batch) -> dict:
+    """A task batch as the model reads it: host bookkeeping dropped, units added (bpe)."""
+    return exp.add_units({k: v for k, v in batch.items() if k not in ("valid", "index")})
+
+
+def evaluate_split(exp, logits_fn, params, rest, encoded, batch_size, to_global) -> dict[str, float]:
     labels, logits = [], []
     for batch in encoded.batches(batch_size):
         valid = np.asarray(batch["valid"], bool)
-        out = logits_fn(params, rest, to_global({k: v for k, v in batch.items() if k not in ("valid", "index")}))
+        out = logits_fn(params, rest, to_global(_model_batch(exp, batch)))
         logits.append(out[valid])
         labels.append(np.asarray(batch["labels"])[valid])
     return M.classification_metrics(np.concatenate(labels), np.concatenate(logits))
@@ -112,7 +117,14 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
                   progress: bool = True) -> SeedResult:
     f = config.finetune
     c = finetune_config(config, task, seed=seed, init_from=init_from)
-    exp = build.build(c)
+    bpe_path = None
+    if c.model.tokenizer == "bpe":  # the pretraining run's BPE, copied next to this checkpoint
+        from mxdna_jax.tokenizers import bpe
+
+        os.makedirs(out_dir, exist_ok=True)
+        bpe_path = str(bpe.ensure_tokenizer(out_dir, [], int(c.model.bpe_vocab_size),
+                                            source=init_from or c.model.bpe_path or None))
+    exp = build.build(c, bpe_path=bpe_path)
     enc = _encode(task, exp.model_config, f)
     B = int(f.batch_size)
     steps_per_epoch = enc["train"].num_batches(B, drop_remainder=True)
@@ -141,7 +153,7 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
             logger.event(0, "warm_start", source=str(init_from), loaded=start.warm.loaded, fresh=start.warm.fresh)
         state, best, best_dev, since_best, step = start.state, None, -np.inf, 0, 0
         # The starting point on dev (fresh head; pretrained or random backbone): what fine-tuning adds.
-        dev0 = evaluate_split(logits_fn, state.params, state.rest, enc["dev"], B, to_global)
+        dev0 = evaluate_split(exp, logits_fn, state.params, state.rest, enc["dev"], B, to_global)
         logger.log(0, {f"dev_{k}": v for k, v in dev0.items()}, kind="eval")
         capacity: dict[int, int | None] = {}
         eval_every = int(f.eval_every) or steps_per_epoch
@@ -152,7 +164,7 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
             for batch in enc["train"].batches(B, shuffle=True, seed=seed, epoch=epoch, drop_remainder=True):
                 L = batch["input_ids"].shape[1]
                 policy = exp.capacity(L)
-                gb = to_global({k: v for k, v in batch.items() if k not in ("valid", "index")})
+                gb = to_global(_model_batch(exp, batch))
                 state, m, capacity[L] = trainer.train_step_with_retry(step_fn, state, gb, capacity.get(L, policy.initial),
                                                                        policy)
                 if not bool(m["finite"]):
@@ -164,7 +176,7 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
                     logger.log(step, {"loss": float(np.mean(window)), "lr": float(m["lr"])})
                     window = []
                 if step % eval_every == 0 or step == total:
-                    dev = evaluate_split(logits_fn, state.params, state.rest, enc["dev"], B, to_global)
+                    dev = evaluate_split(exp, logits_fn, state.params, state.rest, enc["dev"], B, to_global)
                     logger.log(step, {f"dev_{k}": v for k, v in dev.items()}, kind="eval")
                     if dev["mcc"] > best_dev:
                         best_dev, since_best = dev["mcc"], 0
@@ -177,7 +189,7 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
         best_step, best_params, dev = best
         ckpt.save(best_step, {"params": best_params}, meta={"config": trainer.config_json(c), "dev": dev})
         ckpt.wait_until_finished()
-        test = evaluate_split(logits_fn, best_params, state.rest, enc["test"], B, to_global)
+        test = evaluate_split(exp, logits_fn, best_params, state.rest, enc["test"], B, to_global)
         logger.log(best_step, {f"test_{k}": v for k, v in test.items()}, kind="test")
     finally:
         if logger is not None:

@@ -18,7 +18,7 @@ def classification_loss_fn(model, batch, jitter_key, *, token_capacity=None):
     Rows labelled IGNORE_LABEL (the padding rows that fill an eval batch to its static shape)
     count nowhere; `where`, not a product, keeps a row with no attention (NaN logits) out."""
     logits_BC, out = model(batch["input_ids"], batch["attention_mask"], batch.get("special_tokens_mask"),
-                           jitter_key=jitter_key, token_capacity=token_capacity)
+                           jitter_key=jitter_key, token_capacity=token_capacity, units=batch.get("units"))
     labels_B = batch["labels"]
     valid_B = labels_B != vocab.IGNORE_LABEL
     n = jnp.maximum(valid_B.sum(), 1).astype(jnp.float32)

@@ -29,7 +29,7 @@ def mlm_loss_fn(model, batch, jitter_key, *, token_capacity=None):
     whose tokens exceeded `token_capacity`: the caller must re-run it at a larger capacity.
     """
     out = model(batch["input_ids"], batch["attention_mask"], batch.get("special_tokens_mask"),
-                jitter_key=jitter_key, token_capacity=token_capacity)
+                jitter_key=jitter_key, token_capacity=token_capacity, units=batch.get("units"))
     labels = batch["labels"]
     ce, n = masked_cross_entropy(out.logits, labels)
     loss = ce + model.cfg.router_aux_loss_coef * out.aux_loss
