@@ -6,6 +6,7 @@ thing in-process.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -51,6 +52,10 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
     from mxdna_jax import trainer
 
     workdir = cli.abspath(workdir)
+    if config.get("init_from"):  # resolved once, here (and recorded so in config.json)
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            config.init_from = cli.abspath(config.init_from)
     validate.check_training_config(config)
     mc = build.model_config(config)
     if str(config.get("objective", "mlm")) != "mlm":
