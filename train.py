@@ -72,9 +72,21 @@ def main(argv):
     except preemption.Preempted as e:
         print(f"preempted: {e}", file=sys.stderr, flush=True)
         return cli.EXIT_PREEMPTED
+    except Exception as e:  # noqa: BLE001  device OOM: a config too big for this machine, not a bug
+        if "RESOURCE_EXHAUSTED" not in str(e) or type(e).__name__ != "JaxRuntimeError":
+            raise
+        return cli.fail(f"out of device memory ({cli.one_line(e).split(': ', 1)[-1]}); this config does not fit "
+                        f"{jax_devices()}: lower data.global_batch_size or data.window, raise train.grad_accum_steps, "
+                        "or set model.remat=True; the newest checkpoint is kept", cli.EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         return cli.fail("aborted by a second Ctrl-C without saving; the newest complete checkpoint is kept", 130)
     return cli.EXIT_OK
+
+
+def jax_devices() -> str:
+    import jax
+
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
 
 if __name__ == "__main__":
