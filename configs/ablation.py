@@ -39,8 +39,4 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         raise ValueError(f"ablation variant must be one of {', '.join(VARIANTS)} "
                          f"(--config=configs/ablation.py:VARIANT), got {variant!r}")
     c = tiny.get_config()
-    model = {**c.model.to_dict(), **VARIANTS[variant]}
-    c.unlock()
-    c.model = base.model_section(**model)
-    c.lock()
-    return c
+    return base.with_model(c, **VARIANTS[variant])

@@ -23,6 +23,16 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(d)
 
 
+def with_model(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+    """`config`, locked, with its model section rebuilt through ModelConfig with `fields` changed
+    (so an ablation or baseline variant is validated like any model config)."""
+    model = {**config.model.to_dict(), **fields}
+    config.unlock()
+    config.model = model_section(**model)
+    config.lock()
+    return config
+
+
 def data_section(**overrides) -> ml_collections.ConfigDict:
     """The data section: exactly the fields of PretrainDataConfig.
 

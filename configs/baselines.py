@@ -51,8 +51,4 @@ def get_config(arg: str = "mxdna") -> ml_collections.ConfigDict:
         raise ValueError(f"baseline must be VARIANT[,SIZE] with VARIANT one of {', '.join(VARIANTS)} and SIZE "
                          f"one of {', '.join(SIZES)} (--config=configs/baselines.py:bpe,base), got {arg!r}")
     c = (tiny if size == "tiny" else base).get_config()
-    model = {**c.model.to_dict(), **VARIANTS[variant]}
-    c.unlock()
-    c.model = base.model_section(**model)
-    c.lock()
-    return c
+    return base.with_model(c, **VARIANTS[variant])
