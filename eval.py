@@ -309,7 +309,8 @@ def main(argv):
     from mxdna_jax.checkpoint import CorruptCheckpointError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
-    commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize, "finetune": eval_finetune, "plots": eval_plots}
+    commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize, "finetune": eval_finetune,
+                "plots": eval_plots}
     if len(argv) != 2 or argv[1] not in commands:
         return cli.fail(f"usage: eval.py {{{','.join(commands)}}} [flags]; got {argv[1:]}", cli.EXIT_BAD_INPUT)
     try:

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from test_embed import params_dir, write_fasta  # noqa: F401  (module fixture)
 from test_train import ROOT, env_for

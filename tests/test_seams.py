@@ -141,7 +141,8 @@ def test_warm_start_shape_mismatch_names_the_parameter(pretrained, tmp_path):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, _ = optim.make_optimizer(config.train)
     ckpt = checkpoint.CheckpointManager(tmp_path / "ft" / "checkpoints")
-    with pytest.raises(cli.UserError, match=r"parameter [a-z_/]+/w1/kernel: the source has shape \(32, 64\), the model \(32, 96\)"):
+    msg = r"parameter [a-z_/]+/w1/kernel: the source has shape \(32, 64\), the model \(32, 96\)"
+    with pytest.raises(cli.UserError, match=msg):
         trainer.restore_or_init(config, str(tmp_path / "ft"), ckpt, exp.model_ctor(), tx, mesh, exp.capacity(64))
     ckpt.close()
 

@@ -165,8 +165,8 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
                 L = batch["input_ids"].shape[1]
                 policy = exp.capacity(L)
                 gb = to_global(_model_batch(exp, batch))
-                state, m, capacity[L] = trainer.train_step_with_retry(step_fn, state, gb, capacity.get(L, policy.initial),
-                                                                       policy)
+                state, m, capacity[L] = trainer.train_step_with_retry(
+                    step_fn, state, gb, capacity.get(L, policy.initial), policy)
                 if not bool(m["finite"]):
                     raise FloatingPointError(f"{task.name} seed {seed}: non-finite loss at step {step + 1}")
                 step += 1
