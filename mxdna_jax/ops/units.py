@@ -23,7 +23,7 @@ def fixed_units(attention_mask_BL, k: int):
     L = attention_mask_BL.shape[1]
     n_B1 = attention_mask_BL.astype(jnp.int32).sum(axis=1, keepdims=True)
     pos = jnp.arange(L, dtype=jnp.int32)[None, :]
-    inside = (pos >= 1) & (pos < n_B1 - 1)
+    inside = window_mask(attention_mask_BL)
     start = 1 + ((pos - 1) // k) * k
     length = jnp.minimum(start + k, n_B1 - 1) - start
     e = length - 1
