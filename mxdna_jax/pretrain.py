@@ -17,6 +17,8 @@ from mxdna_jax import build, cli, validate, workdir as workdir_lib
 from mxdna_jax.cli import UserError
 from mxdna_jax.data.pipeline import PretrainData, PretrainDataConfig
 
+PRETRAINING_OBJECTIVES = ("mlm", "mae")  # the objectives that need no labels
+
 
 def data_config(section) -> PretrainDataConfig:
     d = dict(section)
@@ -58,9 +60,9 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
             config.init_from = cli.abspath(config.init_from)
     validate.check_training_config(config)
     mc = build.model_config(config)
-    if str(config.get("objective", "mlm")) != "mlm":
-        raise UserError(f"objective={config.objective!r}: train.py pretrains on unlabelled FASTA windows, "
-                        "which only the 'mlm' objective can use")
+    if str(config.get("objective", "mlm")) not in PRETRAINING_OBJECTIVES:
+        raise UserError(f"objective={config.objective!r}: train.py pretrains on unlabelled sequence, which "
+                        f"only the {' and '.join(map(repr, PRETRAINING_OBJECTIVES))} objectives can use")
     dc = data_config(config.data)
     check_paths(dc)
     L = dc.seq_length
