@@ -6,6 +6,8 @@
     python eval.py plots --init_from=MODEL --fasta=in.fa --workdir=OUT [--task=DIR[,DIR...]] [--bpe=bpe.json]
     python eval.py finetune --task=DIR[,DIR...] --workdir=OUT [--init_from=MODEL] [--config=configs/X.py]
                             [--seeds=3] [--config.finetune.epochs=3 ...]
+    python eval.py probe --init_from=MODEL --workdir=OUT [--data=TSV[,TSV]] [--split=FILE|new] [--seed=0]
+                         [--batch_size=16] [--window=N] [--max_per_split=0] [--linear_max_iter=1000]
 
 `mlm` prints and writes (DIR/eval_mlm.json, or --out) the masked-LM loss and accuracy of the
 newest verified checkpoint of a train.py run on deterministic windows of any FASTA.
@@ -21,6 +23,10 @@ or one FASTA per class), early-stopped on dev MCC, tests the best-dev parameters
 seeds, and writes OUT/<task>/results.json|md plus OUT/results.md (one row per task). Without
 --init_from the config's model is trained from scratch; with it, the model is the source's and
 its weights are loaded (the classifier head is new).
+`probe` embeds DNA barcodes with the frozen encoder (mean of the unit tokens) and scores 1-NN genus
+classification of unseen species (cosine, against the seen-train barcodes) and a linear species
+probe (seen-train -> seen-test), on the species-disjoint split of the pretraining run (its
+barcode_split.tsv) or a new one; writes OUT/probe.json and OUT/probe.md.
 MODEL is a train.py workdir (newest verified checkpoint), a step dir, a params dir or official
 weights (.safetensors with its config.json).
 
@@ -55,6 +61,11 @@ _OUT = flags.DEFINE_string("out", None, "output file (mlm: default WORKDIR/eval_
 _INIT = flags.DEFINE_string("init_from", None, "embed/tokenize: the trained model (workdir, step dir, params dir "
                             "or official .safetensors)")
 _BPE = flags.DEFINE_string("bpe", None, "plots: a trained BPE tokenizer (JSON) to compare with")
+_DATA = flags.DEFINE_string("data", None, "probe: barcode TSV(s), comma-separated (default: the embedded barcodes)")
+_SPLIT = flags.DEFINE_string("split", None, "probe: a barcode split file, or 'new' (default: INIT_FROM's "
+                             "barcode_split.tsv if it has one, else a new split with --seed)")
+_MAX_PER_SPLIT = flags.DEFINE_integer("max_per_split", 0, "probe: at most this many barcodes per split (0: all)")
+_LINEAR_MAX_ITER = flags.DEFINE_integer("linear_max_iter", 1000, "probe: logistic-regression iterations")
 _POOL = flags.DEFINE_enum("pool", "mean", ["mean", "cls", "tokens"], "embed: pooling of the token states")
 
 
@@ -303,6 +314,20 @@ def eval_finetune() -> None:
     print(f"results: {out}/results.md" + (" (+ results.json per task)" if len(tasks) > 1 else ", results.json"))
 
 
+def eval_probe() -> dict:
+    from mxdna_jax.evaluation import probe
+
+    _check_counts()
+    if not _INIT.value or not _WORKDIR.value:
+        raise cli.UserError("probe needs --init_from (a trained model) and --workdir=OUT")
+    result = probe.probe(_INIT.value, _WORKDIR.value, _DATA.value, split=_SPLIT.value, seed=_SEED.value,
+                         batch_size=_BATCH_SIZE.value, window=_WINDOW.value, max_per_split=_MAX_PER_SPLIT.value,
+                         linear_max_iter=_LINEAR_MAX_ITER.value)
+    print(probe.results_markdown(result), end="")
+    print(f"results: {os.path.join(cli.abspath(_WORKDIR.value), 'probe.json')}, probe.md")
+    return result
+
+
 def main(argv):
     from absl import logging as absl_logging
 
@@ -310,7 +335,7 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
     commands = {"mlm": eval_mlm, "embed": eval_embed, "tokenize": eval_tokenize, "finetune": eval_finetune,
-                "plots": eval_plots}
+                "plots": eval_plots, "probe": eval_probe}
     if len(argv) != 2 or argv[1] not in commands:
         return cli.fail(f"usage: eval.py {{{','.join(commands)}}} [flags]; got {argv[1:]}", cli.EXIT_BAD_INPUT)
     try:

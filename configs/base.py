@@ -36,11 +36,16 @@ def with_model(config: ml_collections.ConfigDict, **fields) -> ml_collections.Co
 def data_section(**overrides) -> ml_collections.ConfigDict:
     """The data section: exactly the fields of PretrainDataConfig.
 
-    `fasta` is one string here ('' = the embedded default corpus; several files comma-separated)
-    because tuples cannot be overridden from the command line.
+    `fasta` and `barcodes` are one string here ('' = the embedded default corpus / barcodes;
+    several files comma-separated) because tuples cannot be overridden from the command line.
+    `corpus` picks one: 'genome' (FASTA windows) or 'barcodes' (one DNA barcode per example from
+    the seen-train species of a species-disjoint split, written to WORKDIR/barcode_split.tsv;
+    `barcode_seed`, `barcode_unseen_fraction`, `barcode_test_fraction`, `barcode_max_offset`).
     """
-    d = dataclasses.asdict(PretrainDataConfig(**{k: v for k, v in overrides.items() if k != "fasta"}))
-    d["fasta"] = overrides.get("fasta", "")
+    paths = ("fasta", "barcodes")
+    d = dataclasses.asdict(PretrainDataConfig(**{k: v for k, v in overrides.items() if k not in paths}))
+    for k in paths:
+        d[k] = overrides.get(k, "")
     d["cache_dir"] = d["cache_dir"] or ""
     return ml_collections.ConfigDict(d)
 

@@ -1,4 +1,5 @@
-"""Pretraining glue: a config -> (model, objective) via `build`, FASTA data, `trainer.run_training`.
+"""Pretraining glue: a config -> (model, objective) via `build`, FASTA windows or DNA barcodes,
+`trainer.run_training`.
 
 train.py is the command line; this module is importable so tests and notebooks can run the same
 thing in-process.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 import os
 
 import jax
@@ -17,14 +19,17 @@ from mxdna_jax import build, cli, validate, workdir as workdir_lib
 from mxdna_jax.cli import UserError
 from mxdna_jax.data.pipeline import PretrainData, PretrainDataConfig
 
+log = logging.getLogger(__name__)
+
 PRETRAINING_OBJECTIVES = ("mlm", "mae")  # the objectives that need no labels
 
 
 def data_config(section) -> PretrainDataConfig:
     d = dict(section)
-    fasta = d.pop("fasta", "") or ""
-    # Resolved here, once: grain workers and Orbax must not depend on the current directory.
-    d["fasta"] = tuple(cli.abspath(p.strip()) for p in str(fasta).split(",") if p.strip())
+    for key in ("fasta", "barcodes"):
+        paths = d.pop(key, "") or ""
+        # Resolved here, once: grain workers and Orbax must not depend on the current directory.
+        d[key] = tuple(cli.abspath(p.strip()) for p in str(paths).split(",") if p.strip())
     d["cache_dir"] = cli.abspath(d.get("cache_dir")) or None
     names = {f.name for f in dataclasses.fields(PretrainDataConfig)}
     unknown = sorted(set(d) - names)
@@ -37,11 +42,26 @@ def data_config(section) -> PretrainDataConfig:
 
 
 def check_paths(dc: PretrainDataConfig):
-    for p in dc.fasta:
-        if not os.path.exists(p):
-            raise UserError(f"FASTA file not found: {p}")
-        if os.path.isdir(p):
-            raise UserError(f"data.fasta {p} is a directory, not a FASTA file")
+    for field, what, paths in (("fasta", "FASTA", dc.fasta), ("barcodes", "barcode TSV", dc.barcodes)):
+        for p in paths:
+            if not os.path.exists(p):
+                raise UserError(f"{what} file not found: {p}")
+            if os.path.isdir(p):
+                raise UserError(f"data.{field} {p} is a directory, not a {what} file")
+
+
+def barcode_split(dc: PretrainDataConfig, workdir: str):
+    """corpus='barcodes': the run's species-disjoint split, WORKDIR/barcode_split.tsv when it
+    exists (a resume: checked against the config and the barcodes), else a new one (not yet
+    written: `write_split` inside the workdir lock)."""
+    from mxdna_jax.data import barcodes as bc
+
+    try:
+        return bc.ensure_split(os.path.join(workdir, bc.SPLIT_FILENAME), bc.load_barcodes(dc.barcodes or None),
+                               seed=dc.barcode_seed, unseen_fraction=dc.barcode_unseen_fraction,
+                               test_fraction=dc.barcode_test_fraction, write=False)
+    except ValueError as e:
+        raise UserError(cli.one_line(e)) from None
 
 
 def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_change: bool = False,
@@ -78,21 +98,25 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
     if not resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise UserError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
                         f"use a new --workdir (nothing is overwritten)")
+    split = barcode_split(dc, workdir) if dc.corpus == "barcodes" else None
     bpe_path = None
     if mc.tokenizer == "bpe":  # trained on this run's corpus and kept next to its checkpoints
         from mxdna_jax.data.pipeline import default_corpus_paths
         from mxdna_jax.tokenizers import bpe
 
-        bpe_path = str(bpe.ensure_tokenizer(workdir, dc.fasta or default_corpus_paths(), mc.bpe_vocab_size,
-                                            source=mc.bpe_path or None))
+        corpus = dc.fasta or default_corpus_paths()
+        if split is not None:
+            train = split.subset("train")
+            corpus = [train.sequence(i) for i in range(len(train))]
+        bpe_path = str(bpe.ensure_tokenizer(workdir, corpus, mc.bpe_vocab_size, source=mc.bpe_path or None))
     exp = build.build(config, bpe_path=bpe_path)
-    try:
-        PretrainData(dc, objective=exp.objective)  # opens (and caches) the corpus and validates it before any compile
+    try:  # opens (and caches) the corpus and validates it before any compile
+        PretrainData(dc, objective=exp.objective, split=split)
     except (ValueError, OSError) as e:
         raise UserError(cli.one_line(e)) from None
 
     def train_iter(shard, num_shards, start_step, data_state):
-        ds = PretrainData(dc, process_index=shard, process_count=num_shards, objective=exp.objective)
+        ds = PretrainData(dc, process_index=shard, process_count=num_shards, objective=exp.objective, split=split)
         it = iter(ds.dataset(start_step=0 if data_state else start_step))
         if data_state:
             it.set_state(data_state)  # the grain iterator's own checkpoint
@@ -100,10 +124,17 @@ def run(config, workdir: str, *, resume: bool = True, mesh=None, allow_config_ch
 
     @functools.cache
     def val_batches(shard, num_shards):
-        ds = PretrainData(dc, process_index=shard, process_count=num_shards, objective=exp.objective)
+        ds = PretrainData(dc, process_index=shard, process_count=num_shards, objective=exp.objective, split=split)
         return ds.validation_batches(int(config.train.eval_batches))
 
     with workdir_lib.locked(workdir):
+        if split is not None and jax.process_index() == 0:
+            from mxdna_jax.data.barcodes import write_split
+
+            reused = os.path.exists(split.path)
+            if not reused:
+                write_split(split, split.path)  # before training: `eval.py probe` reads it
+            log.info("%s %s %s", split.describe(), "from" if reused else "->", split.path)
         return trainer.run_training(
             config, workdir, loss_fn=exp.loss_fn, model_ctor=exp.model_ctor(),
             train_iter_factory=train_iter, eval_iter_factory=val_batches, policy=exp.capacity(L), mesh=mesh,

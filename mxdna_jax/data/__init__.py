@@ -1,5 +1,12 @@
-"""Data layer: FASTA genomes as cached id arrays, masked-LM corruption, Grain pipelines."""
+"""Data layer: FASTA genomes as cached id arrays, DNA barcodes, masked-LM corruption, Grain pipelines."""
 
+from mxdna_jax.data.barcodes import (
+    BarcodeSplit,
+    Barcodes,
+    default_barcode_paths,
+    load_barcodes,
+    split_barcodes,
+)
 from mxdna_jax.data.fasta import (
     FastaNotFoundError,
     Genome,
@@ -23,21 +30,26 @@ from mxdna_jax.data.pipeline import (
 )
 
 __all__ = [
+    "BarcodeSplit",
+    "Barcodes",
     "FastaNotFoundError",
     "Genome",
     "PretrainData",
     "PretrainDataConfig",
     "WindowSampler",
+    "default_barcode_paths",
     "default_cache_dir",
     "default_corpus_path",
     "default_corpus_paths",
     "element_rng",
     "fasta_eval_batches",
+    "load_barcodes",
     "load_fasta_ids",
     "mask_tokens",
     "open_genome",
     "parse_fasta",
     "process_element_indices",
+    "split_barcodes",
     "split_segments",
     "unigram_entropy",
 ]

@@ -1,7 +1,9 @@
-"""Grain pipelines of masked-LM windows drawn from a Genome.
+"""Grain pipelines of masked-LM windows drawn from a Genome, or of DNA barcodes
+(`corpus='barcodes'`: one barcode per example, see data/barcodes.py).
 
 Design: element g of the (conceptually infinite) global stream is a pure function of
-(seed, stream, g): a counter-based Philox generator picks the window, the strand and the mask.
+(seed, stream, g): a counter-based Philox generator picks the window (or the barcode and its
+start offset), the strand and the mask.
 So any element can be recomputed, shuffling is implicit, and a restart or a change of worker
 count or of process count cannot change the data. Global batch s holds elements
 s*GB .. s*GB+GB-1; process p of P gets the contiguous slice j in [p*GB/P, (p+1)*GB/P).
@@ -25,6 +27,7 @@ from mxdna_jax import vocab
 from mxdna_jax.data.fasta import Genome, open_genome
 
 TRAIN_STREAM, VAL_STREAM, EVAL_STREAM = 0, 1, 2
+CORPORA = ("genome", "barcodes")
 _ENDLESS_STEPS = 2**40  # "infinite" training stream; MapDataset needs a length
 
 
@@ -48,6 +51,15 @@ class PretrainDataConfig:
     prefetch_batches: int = 4
     drop_gaps: bool = False
     cache_dir: str | None = None
+    # corpus='barcodes': one DNA barcode per example from the seen-train split of
+    # data/barcodes.py (validation: seen-test); window, masking and seeds as above; rc_prob,
+    # max_n_frac, val_fraction and min_val_windows do not apply.
+    corpus: str = "genome"  # 'genome' (FASTA windows) | 'barcodes'
+    barcodes: tuple[str, ...] = ()  # barcode TSV(.gz) paths; empty: the embedded BarcodeBERT barcodes
+    barcode_seed: int = 0  # the species-disjoint split's seed
+    barcode_unseen_fraction: float = 0.2  # of species, held out of pretraining (1-NN genus queries)
+    barcode_test_fraction: float = 0.2  # of each seen species' barcodes (linear-probe test, validation)
+    barcode_max_offset: int = 5  # training drops a random 0..this many nt from the front
 
     @property
     def seq_length(self) -> int:
@@ -55,8 +67,10 @@ class PretrainDataConfig:
         return self.window + 2
 
     def __post_init__(self):
-        paths = (self.fasta,) if isinstance(self.fasta, (str, os.PathLike)) else self.fasta
-        object.__setattr__(self, "fasta", tuple(str(p) for p in paths if str(p)))
+        for name in ("fasta", "barcodes"):
+            paths = getattr(self, name)
+            paths = (paths,) if isinstance(paths, (str, os.PathLike)) else paths
+            object.__setattr__(self, name, tuple(str(p) for p in paths if str(p)))
         self._validate()
 
     def _validate(self):
@@ -68,8 +82,13 @@ class PretrainDataConfig:
         for name, lo in (("window", 1), ("global_batch_size", 1), ("max_tries", 1), ("read_threads", 1),
                          ("prefetch_batches", 1), ("num_workers", 0), ("min_val_windows", 0)):
             _check_int(name, getattr(self, name), lo)
-        for name in ("seed", "val_seed"):
+        for name in ("seed", "val_seed", "barcode_seed"):
             _check_int(name, getattr(self, name), None)
+        _check_int("barcode_max_offset", self.barcode_max_offset, 0)
+        if self.corpus not in CORPORA:
+            raise ValueError(f"data.corpus must be one of {', '.join(map(repr, CORPORA))}, got {self.corpus!r}")
+        for name in ("barcode_unseen_fraction", "barcode_test_fraction"):
+            _check_fraction(name, getattr(self, name), "[0, 1)")
         for name in ("rc_prob", "max_n_frac", "val_fraction", "mask_token_frac", "random_token_frac"):
             _check_fraction(name, getattr(self, name), "[0, 1]")
         _check_fraction("mask_prob", self.mask_prob, "(0, 1]")
@@ -89,8 +108,8 @@ def _check_int(name: str, value, lo: int | None):
 
 def _check_fraction(name: str, value, interval: str):
     ok = not isinstance(value, bool) and isinstance(value, (int, float, np.number))
-    if ok:
-        ok = (0 < value <= 1) if interval == "(0, 1]" else (0 <= value <= 1)  # also rejects NaN
+    if ok:  # the comparisons also reject NaN
+        ok = {"(0, 1]": 0 < value <= 1, "[0, 1)": 0 <= value < 1}.get(interval, 0 <= value <= 1)
     if not ok:
         raise ValueError(f"data.{name} must be a number in {interval}, got {value!r}")
 
@@ -276,10 +295,14 @@ def _stack(rows):
 
 
 class PretrainData:
-    """Opens the corpus once; builds the training stream and the validation batches."""
+    """Opens the corpus once; builds the training stream and the validation batches.
+
+    corpus='barcodes': `split` (a data.barcodes.BarcodeSplit; pretrain.run passes the workdir's)
+    or, by default, the split of cfg.barcodes made with cfg.barcode_* (not written anywhere).
+    """
 
     def __init__(self, cfg: PretrainDataConfig, *, process_index: int = 0, process_count: int = 1, genome=None,
-                 objective=None):
+                 objective=None, split=None):
         if cfg.global_batch_size % process_count:
             raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by {process_count} processes")
         if not 0 <= process_index < process_count:
@@ -287,15 +310,39 @@ class PretrainData:
         self.cfg, self.process_index, self.process_count = cfg, process_index, process_count
         self.objective = objective if objective is not None else _default_objective(cfg)
         self.local_batch_size = cfg.global_batch_size // process_count
-        self.genome = open_genome(
-            genome if genome is not None else (cfg.fasta or default_corpus_paths()), drop_gaps=cfg.drop_gaps, cache_dir=cfg.cache_dir
-        )
+        if cfg.corpus == "barcodes":
+            self._init_barcodes(split)
+            return
+        self.genome = open_genome(genome if genome is not None else (cfg.fasta or default_corpus_paths()),
+                                  drop_gaps=cfg.drop_gaps, cache_dir=cfg.cache_dir)
         train, val, self.val_start = split_segments(self.genome, cfg.window, cfg.val_fraction, cfg.min_val_windows)
         kw = dict(max_n_frac=cfg.max_n_frac, max_tries=cfg.max_tries)
         self.train_sampler = WindowSampler(self.genome, train, cfg.window, what="training region", **kw)
         self.val_sampler = WindowSampler(self.genome, val, cfg.window, what="validation region", **kw) if val else None
         if cfg.val_fraction > 0 and self.val_sampler is None:
             raise ValueError(f"validation region holds no record piece of {cfg.window} nt; raise min_val_windows")
+        self.split = None
+
+    def _init_barcodes(self, split):
+        from mxdna_jax.data import barcodes as bc
+
+        cfg = self.cfg
+        if split is None:
+            split = bc.split_barcodes(bc.load_barcodes(cfg.barcodes or None), cfg.barcode_seed,
+                                      cfg.barcode_unseen_fraction, cfg.barcode_test_fraction)
+        self.split, self.genome, self.val_start = split, None, None
+        self.train_sampler = bc.BarcodeSampler(split.subset("train"), cfg.window, max_offset=cfg.barcode_max_offset,
+                                               what="seen-train barcodes")
+        test = split.subset("test")
+        self.val_sampler = bc.BarcodeSampler(test, cfg.window, order=np.random.default_rng(cfg.val_seed).permutation(
+            len(test)), what="seen-test barcodes") if len(test) else None
+
+    def _make(self, sampler, seed: int, stream: int):
+        if self.cfg.corpus == "barcodes":
+            from mxdna_jax.data.barcodes import MakeBarcodeExample
+
+            return MakeBarcodeExample(sampler, seed, stream, self.objective)
+        return MakeExample(sampler, self.cfg, seed, stream, self.objective)
 
     def dataset(self, *, start_step: int = 0, num_steps: int | None = None) -> grain.IterDataset:
         """This process's batches for steps start_step, start_step+1, ...
@@ -309,10 +356,11 @@ class PretrainData:
         ds = (
             grain.MapDataset.range(start_step * b, (start_step + n) * b)
             .map(_LocalToGlobal(cfg.global_batch_size, self.process_index, self.process_count))
-            .map(MakeExample(self.train_sampler, cfg, cfg.seed, TRAIN_STREAM, self.objective))
+            .map(self._make(self.train_sampler, cfg.seed, TRAIN_STREAM))
             .batch(b, drop_remainder=True)
         )
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches))
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                  prefetch_buffer_size=cfg.prefetch_batches))
         if cfg.num_workers > 0:
             _ensure_absl_flags_parsed()
             opts = grain.MultiprocessingOptions(
@@ -324,15 +372,14 @@ class PretrainData:
     def validation_batches(self, n_batches: int, *, batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
         """A fixed list of this process's validation batches (seeded by cfg.val_seed only)."""
         if self.val_sampler is None:
-            raise ValueError("no validation region: val_fraction is 0")
-        return _fixed_batches(self.val_sampler, self.cfg, self.cfg.val_seed, VAL_STREAM, n_batches,
-                              batch_size or self.cfg.global_batch_size, self.process_index, self.process_count,
-                              objective=self.objective)
+            raise ValueError("no seen-test barcodes to validate on: data.barcode_test_fraction is 0"
+                             if self.cfg.corpus == "barcodes" else "no validation region: val_fraction is 0")
+        make = self._make(self.val_sampler, self.cfg.val_seed, VAL_STREAM)
+        return _fixed_batches(make, n_batches, batch_size or self.cfg.global_batch_size, self.process_index,
+                              self.process_count)
 
 
-def _fixed_batches(sampler, cfg, seed, stream, n_batches, global_batch_size, process_index=0, process_count=1,
-                   objective=None):
-    make = MakeExample(sampler, cfg, seed, stream, objective)
+def _fixed_batches(make, n_batches, global_batch_size, process_index=0, process_count=1):
     return [
         _stack([make(int(g)) for g in process_element_indices(s, global_batch_size, process_index, process_count)])
         for s in range(n_batches)
@@ -358,5 +405,6 @@ def fasta_eval_batches(
         val_fraction=0.0, **cfg_overrides,
     )
     train, _, _ = split_segments(genome, window, 0.0, 0)
-    sampler = WindowSampler(genome, train, window, max_n_frac=cfg.max_n_frac, max_tries=cfg.max_tries, what=", ".join(genome.paths))
-    return _fixed_batches(sampler, cfg, seed, EVAL_STREAM, n_batches, batch_size)
+    sampler = WindowSampler(genome, train, window, max_n_frac=cfg.max_n_frac, max_tries=cfg.max_tries,
+                            what=", ".join(genome.paths))
+    return _fixed_batches(MakeExample(sampler, cfg, seed, EVAL_STREAM), n_batches, batch_size)
