@@ -3,6 +3,13 @@
 Params carry `logical_axes` metadata (plain names); `mxdna_jax.sharding` maps them to mesh axes,
 so a model can be built with or without a mesh. Compute runs in `dtype` (fp32 or bf16) with fp32
 accumulation; LayerNorm and softmax statistics are always fp32.
+
+Attention goes through `mxdna_jax.ops.attention.attention` in every layer: the key mask is the
+only mask (boolean, exact for any row set), which covers both the self-attention of EncoderLayer
+and the cross-attention of CrossDecoderLayer (whose query rows are never masked, quirk Q1). By
+default it is picked per platform at lowering: `jax.nn.dot_product_attention` (cuDNN flash
+attention on NVIDIA GPUs where it fits, XLA elsewhere) and the hand-written softmax on CPU, where
+XLA fuses it better; `set_attention_implementation` fixes one for a whole model.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mxdna_jax.ops.attention import masked_attention
+from mxdna_jax.ops import attention as attention_ops
 from mxdna_jax.ops.experts import layer_norm
 from mxdna_jax.ops.rope import apply_rope
 
@@ -59,6 +66,7 @@ class Attention(nnx.Module):
         self.o = Dense(d, d, ("qkv", "embed"), **kw)
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
+        self.implementation = None  # per platform; see set_attention_implementation
 
     def __call__(self, xq_BTD, xkv_BSD, rope_q, rope_k, key_mask_BS):
         B, T, _ = xq_BTD.shape
@@ -66,8 +74,24 @@ class Attention(nnx.Module):
         q = apply_rope(self.q(xq_BTD).reshape(B, T, self.num_heads, self.head_dim), *rope_q)
         k = apply_rope(self.k(xkv_BSD).reshape(B, S, self.num_heads, self.head_dim), *rope_k)
         v = self.v(xkv_BSD).reshape(B, S, self.num_heads, self.head_dim)
-        o = masked_attention(q, k, v, key_mask_BS)
+        o = attention_ops.attention(q, k, v, key_mask_BS, implementation=self.implementation)
         return self.o(o.reshape(B, T, self.num_heads * self.head_dim))
+
+
+def set_attention_implementation(module: nnx.Module, implementation: str | None) -> int:
+    """Set the attention implementation of every Attention in `module` (see ops/attention.py):
+    None (per platform, the default), 'xla' (`jax.nn.dot_product_attention`'s XLA path
+    everywhere), 'cudnn' (cuDNN flash attention; NVIDIA GPU, bf16/fp16 only) or 'reference' (the
+    hand-written softmax). A static attribute: set it before `nnx.split`/`jit`. Returns how many
+    attention modules were changed."""
+    if implementation not in attention_ops.IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} not in {attention_ops.IMPLEMENTATIONS}")
+    n = 0
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Attention):
+            node.implementation = implementation
+            n += 1
+    return n
 
 
 class SwiGLU(nnx.Module):
