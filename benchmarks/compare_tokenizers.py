@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 GUE = SHARED / "gue_deepgene_mirror"
 TOKENIZERS = ("single", "kmer", "bpe", "learnt")
+BASELINE = {"single": "single", "kmer": "kmer", "bpe": "bpe", "learnt": "mxdna"}  # configs/baselines.py
 ABLATION = ("single", "experts", "deformable", "full")
 
 
@@ -142,11 +143,12 @@ def main(argv=None):
     ab_tasks = [t for t in args.ablation_tasks.split(",") if t]
     t_start = time.time()
     results: dict = {"settings": vars(args), "tokenizers": {}, "ablation": {}}
+    cfgs = {}
     for name in [t for t in args.tokenizers.split(",") if t]:
-        c = backbone(load_config("tiny"), args)
-        with c.unlocked():
-            c.model.tokenizer = name
-            c.model.kmer_size = 6
+        c = backbone(load_config("baselines", BASELINE[name]), args)
+        if name == "bpe":
+            with c.unlocked():
+                c.model.bpe_vocab_size = args.bpe_vocab
         if name == "bpe":
             from mxdna_jax.tokenizers import bpe
 
@@ -156,12 +158,16 @@ def main(argv=None):
                 bpe.train_bpe([args.fasta], args.bpe_vocab, str(bpe_path))
             with c.unlocked():
                 c.model.bpe_path = str(bpe_path)
+        cfgs[name] = c
         pre = pretrain_run(name, c, out, log)
         results["tokenizers"][name] = {"pretrain": pre, "tasks": {
             t: finetune_run(name, c, t, out, pre["workdir"], args.seeds, log) for t in tasks}}
+    done_models = {json.dumps(cfgs[n].model.to_dict(), sort_keys=True): n for n in cfgs}
     for variant in ABLATION if ab_tasks else ():
         c = backbone(load_config("ablation", variant), args)
-        name = f"ablation_{variant}"
+        # A variant whose model section equals a tokenizer run's (single = `single`, full = `learnt`)
+        # is that run: reuse its pretraining and fine-tuning instead of training it twice.
+        name = done_models.get(json.dumps(c.model.to_dict(), sort_keys=True), f"ablation_{variant}")
         pre = pretrain_run(name, c, out, log)
         results["ablation"][variant] = {"pretrain": pre, "tasks": {
             t: finetune_run(name, c, t, out, pre["workdir"], args.seeds, log) for t in ab_tasks}}

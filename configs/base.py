@@ -93,6 +93,11 @@ def build(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1 = all remaining devices
 
+    # objective='mae' (BarcodeMAE): nucleotide spans of `span` nt (= the k-mer size with
+    # tokenizer='kmer', so a span is a token) are masked, exactly round(mask_ratio x spans) per
+    # sequence; the encoder processes (1 - mask_ratio + keep_margin) x the token rows at most.
+    c.mae = ml_collections.ConfigDict(dict(mask_ratio=0.5, span=6, keep_margin=0.1))
+
     # eval.py finetune: the classifier's schedule (optimizer settings otherwise from `train`).
     c.finetune = ml_collections.ConfigDict(dict(
         epochs=3,

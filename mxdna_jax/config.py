@@ -15,6 +15,7 @@ from mxdna_jax import tokenizers, vocab
 
 Mode = Literal["original", "compact"]
 ClsPool = Literal["cls", "mean"]
+MaeTarget = Literal["nucleotides", "kmer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,12 @@ class ModelConfig:
     # the mean of the final states of the valid unit tokens ([CLS]/[SEP] excluded, the rows
     # extract_tokens returns); either then goes through cls_norm -> dense -> tanh -> out_proj.
     cls_pool: ClsPool = "cls"
+    # The masked-autoencoder head (objective 'mae', BarcodeMAE): decoder depth (same width as the
+    # encoder), and what it reconstructs for each masked token: 'nucleotides' (each nucleotide of
+    # the token's unit; any tokenizer) or 'kmer' (the k-mer's id among the 4**k + [UNK], as
+    # BarcodeMAE; tokenizer 'kmer' only). Other heads ignore both; they create no parameter.
+    mae_decoder_layers: int = 6
+    mae_target: MaeTarget = "nucleotides"
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -96,6 +103,14 @@ class ModelConfig:
             raise ValueError(f"kmer_size must be a positive integer, got {self.kmer_size!r}")
         if self.cls_pool not in ("cls", "mean"):
             raise ValueError(f"cls_pool must be 'cls' or 'mean', got {self.cls_pool!r}")
+        if self.mae_target not in ("nucleotides", "kmer"):
+            raise ValueError(f"mae_target must be 'nucleotides' or 'kmer', got {self.mae_target!r}")
+        if self.mae_target == "kmer" and self.tokenizer != "kmer":
+            raise ValueError(f"mae_target='kmer' predicts k-mer ids, so it needs tokenizer='kmer' "
+                             f"(got {self.tokenizer!r}); use mae_target='nucleotides'")
+        d = self.mae_decoder_layers
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ValueError(f"mae_decoder_layers must be an integer >= 0, got {d!r}")
         if not isinstance(self.bpe_path, str):
             raise ValueError(f"bpe_path must be a string ('' = <workdir>/bpe_tokenizer.json), got {self.bpe_path!r}")
         v = self.bpe_vocab_size
@@ -108,6 +123,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_unit_length(self) -> int:
+        """The longest unit the tokenizer makes (nucleotides per token)."""
+        if self.tokenizer == "single":
+            return 1
+        if self.tokenizer in ("kmer", "kmer_overlap"):
+            return self.kmer_size
+        return max(self.expert_kernel_sizes)
 
     @property
     def num_experts(self) -> int:

@@ -11,10 +11,11 @@ from mxdna_jax.config import ModelConfig
 def _classes():
     from mxdna_jax import model as m  # late: model imports layers/tokenizers (heavy)
 
-    return {"mlm": m.MxDNAForMaskedLM, "cls": m.MxDNAForSequenceClassification, "tokens": m.MxDNAForTokenExtraction}
+    return {"mlm": m.MxDNAForMaskedLM, "cls": m.MxDNAForSequenceClassification, "tokens": m.MxDNAForTokenExtraction,
+            "mae": m.MxDNAForMAE}
 
 
-HEAD_NAMES = ("mlm", "cls", "tokens")
+HEAD_NAMES = ("mlm", "cls", "tokens", "mae")
 
 
 def head_class(head: str):

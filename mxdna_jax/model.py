@@ -12,6 +12,7 @@ RoPE positions are nucleotide row indices everywhere, also for tokens (their uni
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -21,6 +22,7 @@ from flax import nnx
 from mxdna_jax import vocab
 from mxdna_jax.config import ModelConfig
 from mxdna_jax.layers import CrossDecoderLayer, Dense, EncoderLayer, LayerNorm, param, trunc_normal
+from mxdna_jax.ops import mae as mae_ops
 from mxdna_jax.ops.rope import rope_tables
 from mxdna_jax.tokenizers import build_tokenizer
 from mxdna_jax.tokenizers.base import TokenizationOutput, arange_positions, gather_rows
@@ -315,3 +317,83 @@ def flatten_tokens(tokens_BTD, mask_BT, positions_BT=None):
     rows = np.asarray(tokens_BTD)[b, t]
     pos = np.asarray(positions_BT)[b, t] if positions_BT is not None else t
     return rows, b.astype(np.int32), pos.astype(np.int32)
+
+
+class MAEOutput(NamedTuple):
+    logits: jax.Array  # fp32: (B, T, S, V) per-nucleotide ('nucleotides') or (B, T, 4**k + 1) ('kmer')
+    token_positions: jax.Array  # (B, T) nucleotide index of each token row (decoder RoPE positions)
+    token_mask: jax.Array  # (B, T) 1 at valid token rows
+    center: jax.Array  # (B, L) the tokenizer's unit encoding (targets are read through it)
+    masked_rows: jax.Array  # (B, T) 1 at token rows the encoder never saw (mask embedding in the decoder)
+    kept_rows: jax.Array  # (B, T) 1 at token rows the encoder processed
+    encoder_hidden: jax.Array  # (B, K, D) final-normed encoder states of the kept rows
+    encoder_rows: jax.Array  # (B, K) the T-row index of each kept row
+    encoder_mask: jax.Array  # (B, K) 1 at valid kept rows
+    aux_loss: jax.Array
+    overflow: jax.Array  # token capacity T or kept capacity K exceeded: outputs invalid, re-run larger
+
+
+class MxDNAForMAE(nnx.Module):
+    """Masked autoencoder (BarcodeMAE) around the MxDNA backbone.
+
+    Encoder = the backbone (`self.model`, the same parameters the other heads use, so a probe or a
+    fine-tuning run loads it like any backbone): the nucleotide embeddings of masked nucleotides
+    are replaced by the [MASK] embedding before anything reads them, the tokenizer cuts units,
+    every token row whose unit touches a masked nucleotide is dropped, and the token layers run on
+    the K kept rows only (ops/mae.py). Decoder: a projection of the kept states scattered back to
+    their rows, a learnt mask embedding at the dropped rows, `mae_decoder_layers` transformer
+    layers with RoPE at the original token positions, a final LN and a linear head.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
+        d = cfg.hidden_size
+        self.cfg = cfg
+        self.model = MxDNAModel(cfg, rngs=rngs)
+        self.decoder_embed = Dense(d, d, ("embed", "qkv"), use_bias=True, **kw)
+        self.mask_embedding = param(rngs, trunc_normal, (d,), ("embed",), pdt)
+        self.decoder_layers = nnx.List([EncoderLayer(cfg, **kw) for _ in range(cfg.mae_decoder_layers)])
+        self.decoder_norm = LayerNorm(d, cfg.layer_norm_eps, param_dtype=pdt, dtype=dtype)
+        if cfg.mae_target == "kmer":
+            self.target_shape = (4**cfg.kmer_size + 1,)  # the k-mers + [UNK] (BarcodeMAE's vocabulary)
+        else:
+            self.target_shape = (cfg.max_unit_length, cfg.vocab_size)
+        self.mae_head = Dense(d, math.prod(self.target_shape), ("embed", None), use_bias=True, **kw)
+
+    def encode(self, input_ids, attention_mask, special_tokens_mask, mae_mask, *, keep_fraction: float,
+               jitter_key=None, jitter=None, token_capacity: int | None = None, units=None, embeds=None):
+        """The encoder half. `embeds` (B, L, D) replaces the id embeddings (the gradient test of
+        'the encoder never sees masked content' differentiates through it)."""
+        m = self.model
+        B, L = input_ids.shape
+        am, sm = m.masks(input_ids, attention_mask, special_tokens_mask)
+        jitter = m.router_jitter(B, L, jitter_key, jitter)
+        h = m.embed_ids(input_ids) if embeds is None else embeds.astype(m.dtype)
+        mask_row = m.embed[...][vocab.MASK].astype(m.dtype)
+        h = jnp.where(mae_mask[..., None] > 0, mask_row[None, None, :], h)
+        h = m.nucleotide_stage(h, am).hidden
+        tok = m.tokenizer_stage(h, am, sm, jitter_BLD=jitter, capacity=m.resolve_capacity(L, token_capacity),
+                                units_BL=units)
+        masked, kept = mae_ops.masked_rows(mae_mask, tok.center, tok.positions, tok.mask)
+        K = mae_ops.kept_capacity(tok.hidden.shape[1], keep_fraction)
+        x_BKD, rows_BK, mask_BK, kept_overflow = mae_ops.gather_kept(tok.hidden, kept, K)
+        pos_BK = gather_rows(tok.positions, rows_BK)
+        enc = m.token_stage(tok._replace(hidden=x_BKD, positions=pos_BK, mask=mask_BK))
+        return tok, masked, kept, enc, rows_BK, mask_BK, tok.overflow | kept_overflow
+
+    def __call__(self, input_ids, attention_mask, special_tokens_mask=None, *, mae_mask, keep_fraction: float = 0.6,
+                 **kw) -> MAEOutput:
+        tok, masked, kept, enc, rows, mask_K, overflow = self.encode(
+            input_ids, attention_mask, special_tokens_mask, mae_mask, keep_fraction=keep_fraction, **kw)
+        B, T, D = tok.hidden.shape
+        z = self.decoder_embed(enc)
+        base = jnp.where(masked[..., None] > 0, self.mask_embedding[...].astype(z.dtype)[None, None, :],
+                         jnp.zeros((), z.dtype))
+        x = mae_ops.scatter_kept(jnp.broadcast_to(base, (B, T, D)), z, rows, mask_K)
+        rope = rope_tables(tok.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for layer in self.decoder_layers:
+            x = _maybe_remat(layer, self.cfg.remat)(x, rope, tok.mask)
+        logits = self.mae_head(self.decoder_norm(x)).astype(jnp.float32).reshape(B, T, *self.target_shape)
+        return MAEOutput(logits, tok.positions, tok.mask, tok.center, masked, kept, enc, rows, mask_K,
+                         tok.aux_loss, overflow)

@@ -118,19 +118,35 @@ def describe_changes(changes: list[dict[str, Any]]) -> str:
     return ", ".join(f"{c['field']}: {c['saved']!r} -> {c['now']!r}" for c in changes)
 
 
-def _with_model_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved config whose model section predates a ModelConfig field gets that field's default
-    (what the run was, in effect, trained with), so a new field never blocks resuming."""
+def _section_defaults() -> dict[str, dict[str, Any]]:
+    """The code defaults of the sections whose fields are dataclass fields."""
     import dataclasses
 
     from mxdna_jax.config import ModelConfig
+    from mxdna_jax.data.pipeline import PretrainDataConfig
+    from mxdna_jax.objectives.mae import MAE
 
+    def fields(obj, names=None):
+        d = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if names is None or f.name in names}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    # the config files spell the path fields as strings ('' = default), not the dataclass's tuples/None
+    data = {**fields(PretrainDataConfig()), "fasta": "", "barcodes": "", "cache_dir": ""}
+    return {"model": fields(ModelConfig()), "data": data,
+            "mae": fields(MAE(), ("mask_ratio", "span", "keep_margin"))}
+
+
+def _with_model_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config whose model/data/mae section predates a field (or the whole section) gets
+    that field's default (what the run was, in effect, trained with), so a new field never
+    blocks resuming."""
+    out = dict(saved)
     if "model" not in saved:
-        return dict(saved)
-    defaults = {f.name: getattr(ModelConfig(), f.name) for f in dataclasses.fields(ModelConfig)}
-    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
-    model = dict(saved["model"])
-    return {**saved, "model": {**{k: v for k, v in defaults.items() if k not in model}, **model}}
+        return out
+    for name, defaults in _section_defaults().items():
+        section = dict(saved.get(name) or {})
+        out[name] = {**{k: v for k, v in defaults.items() if k not in section}, **section}
+    return out
 
 
 def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, workdir: str,

@@ -49,7 +49,8 @@ def labelled_batch(exp, n=8, seed=0):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-COMBOS = [(t, o) for t in tokenizers.NAMES for o in sorted(objectives.OBJECTIVES)]
+# mae x kmer_overlap is refused (overlapping tokens leak masked content; test_mae.py)
+COMBOS = [(t, o) for t in tokenizers.NAMES for o in sorted(objectives.OBJECTIVES) if (t, o) != ("kmer_overlap", "mae")]
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from mxdna_jax.objectives.base import Objective
 from mxdna_jax.objectives.classification import Classification
+from mxdna_jax.objectives.mae import MAE
 from mxdna_jax.objectives.mlm import MLM
 
-OBJECTIVES = {"mlm": MLM, "classification": Classification}
+OBJECTIVES = {"mlm": MLM, "mae": MAE, "classification": Classification}
 
 
 def get(name: str, config) -> Objective:
