@@ -71,6 +71,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model(),
@@ -152,6 +153,14 @@ def xla_cost(compiled) -> dict[str, float | None]:
     ca = ca or {}
     get = lambda k: float(ca[k]) if k in ca else None  # noqa: E731
     return {"flops": get("flops"), "bytes_accessed": get("bytes accessed"), "transcendentals": get("transcendentals")}
+
+
+def cudnn_attention_calls(compiled) -> int | None:
+    """How many cuDNN fused-attention calls a compiled executable makes (0 off NVIDIA GPUs)."""
+    try:
+        return compiled.as_text().count("__cudnn$fmha")
+    except Exception:  # pragma: no cover - backend without HLO text
+        return None
 
 
 # ----------------------------------------------------------------------------- matmul peak

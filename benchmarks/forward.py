@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mxdna_jax.capacity import CapacityPolicy  # noqa: E402
+from mxdna_jax.layers import set_attention_implementation  # noqa: E402
 from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
 from mxdna_jax.ops.nms import basic_unit_nms  # noqa: E402
 from mxdna_jax.tokenizers.base import unit_token_mask  # noqa: E402
@@ -53,7 +54,8 @@ class Bench:
     ~3 nt; the unit statistics are reported with every row.
     """
 
-    def __init__(self, cfg, seed: int = 0):
+    def __init__(self, cfg, seed: int = 0, attention: str | None = None):
+        self.attention = attention  # ops/attention.py implementation (None: per platform)
         t0 = time.perf_counter()
         model = MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=seed))
         _, self.state = nnx.split(model)
@@ -63,6 +65,7 @@ class Bench:
 
     def graphdef(self, cfg):
         abstract = nnx.eval_shape(lambda: MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=0)))
+        set_attention_implementation(abstract, self.attention)
         gd, st = nnx.split(abstract)
         if jax.tree.structure(st) != jax.tree.structure(self.state):
             raise RuntimeError("parameter tree differs between variants")
@@ -152,7 +155,7 @@ def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
     gd = bench.graphdef(cfg)
     state = bench.state
     rec: dict[str, Any] = {"L": L, "batch": B, "mode": cfg.mode, "dtype": cfg.dtype,
-                           "loadavg_before": list(os.getloadavg())}
+                           "attention": bench.attention or "default", "loadavg_before": list(os.getloadavg())}
     capacity = CapacityPolicy.for_model(cfg, L, fraction=args.capacity_fraction).initial
     retries = []
     while True:
@@ -170,7 +173,7 @@ def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
         log(f"    overflow at capacity {capacity} (batch needs {need}); retrying with {new}")
         capacity = new
     rec.update(capacity=capacity, capacity_retries=retries, compile=ct, first_call_s=first_s,
-               xla_cost=common.xla_cost(compiled))
+               xla_cost=common.xla_cost(compiled), cudnn_attention_calls=common.cudnn_attention_calls(compiled))
     stats = common.unit_stats(out["center"], out["all"], out["token_mask"], cfg)
     rec["overflow"] = bool(out["overflow"])
     rec["tokens"] = stats
@@ -358,6 +361,8 @@ def parse_args(argv=None):
     p.add_argument("--prng", default=None,
                    help="jax_default_prng_impl for the weight init (default: jax's threefry2x32; --quick: rbg)")
     p.add_argument("--fasta", default=common.DEFAULT_FASTA)
+    p.add_argument("--attention", default="default", choices=["default", "xla", "cudnn", "reference"],
+                   help="attention implementation (mxdna_jax/ops/attention.py; default: chosen per platform)")
     p.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="output file stem (default: forward, or forward_quick)")
     p.add_argument("--render", metavar="JSON", default=None,
@@ -402,7 +407,7 @@ def main(argv=None) -> int:
                               "reference": REFERENCE, "aims": AIMS, "runs": [], "peaks": {}}
     out_dir = pathlib.Path(args.out)
     log(f"jax {jax.__version__} on {jax.devices()}; building {args.config} model")
-    bench = Bench(base_cfg, seed=args.seed)
+    bench = Bench(base_cfg, seed=args.seed, attention=None if args.attention == "default" else args.attention)
     result["n_params"], result["init_s"] = bench.n_params, bench.init_s
     log(f"init {bench.init_s:.1f}s, {bench.n_params / 1e6:.1f}M params")
     for dt in args.dtypes:

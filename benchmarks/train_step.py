@@ -29,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 from mxdna_jax import optim, sharding, train_lib  # noqa: E402
 from mxdna_jax.data.masking import mask_tokens  # noqa: E402
+from mxdna_jax.layers import set_attention_implementation  # noqa: E402
 from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
 from mxdna_jax.capacity import CapacityPolicy  # noqa: E402
 from mxdna_jax.objectives.mlm import mlm_loss_fn  # noqa: E402
@@ -37,8 +38,8 @@ TRAIN = dict(lr=1e-4, warmup_steps=10, steps=1000, min_lr_ratio=0.1, weight_deca
              grad_clip=1.0)
 
 
-def make_batch(L, B, seed=0):
-    inputs, _ = common.real_windows(L, B, seed=seed)
+def make_batch(L, B, seed=0, fasta=common.DEFAULT_FASTA):
+    inputs, _ = common.real_windows(L, B, seed=seed, fasta=fasta)
     ids, labels = mask_tokens(inputs["input_ids"], np.random.default_rng(seed))
     return dict(inputs, input_ids=ids, labels=labels)
 
@@ -50,14 +51,19 @@ def token_stats(cfg, graphdef, state, batch, capacity):
     return common.unit_stats(out.center, out.all, out.token_mask, cfg)
 
 
-def bench_one(name, L, B, mode, dtype, repeats, probes, log):
+def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None):
     cfg = common.model_config(name, mode=mode, dtype=dtype, max_position_embeddings=max(L, 512))
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, sched = optim.make_optimizer(TRAIN)
-    graphdef, state, sh = train_lib.init_train_state(lambda: MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=0)), tx,
-                                                     mesh, seed=0)
+
+    def ctor():
+        model = MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=0))
+        set_attention_implementation(model, attention)  # ops/attention.py; None: per platform
+        return model
+
+    graphdef, state, sh = train_lib.init_train_state(ctor, tx, mesh, seed=0)
     step = train_lib.make_train_step(mlm_loss_fn, tx, graphdef, sh, mesh, compute_dtype=dtype, schedule=sched)
-    batch = sharding.host_batch_to_global(make_batch(L, B), mesh)
+    batch = sharding.host_batch_to_global(make_batch(L, B, fasta=fasta), mesh)
     capacity = CapacityPolicy.for_model(cfg, L).initial
     stats = token_stats(cfg, graphdef, state, batch, capacity)
     if capacity is not None and max(stats["tokens_per_seq"]) > capacity:
@@ -66,6 +72,7 @@ def bench_one(name, L, B, mode, dtype, repeats, probes, log):
     with jax.set_mesh(mesh):
         compiled = step.jitted.lower(state, batch, capacity).compile()
     compile_s = time.perf_counter() - t0
+    cudnn_calls = common.cudnn_attention_calls(compiled)
     mem = None
     if compiled is not None:
         try:
@@ -91,11 +98,12 @@ def bench_one(name, L, B, mode, dtype, repeats, probes, log):
     step_flops = 3.0 * fl["model"]["total"]
     med = statistics.median(times)
     peak = statistics.median(peaks)
-    row = dict(config=name, L=L, batch=B, mode=mode, dtype=dtype, capacity=capacity or L,
+    row = dict(config=name, L=L, batch=B, mode=mode, dtype=dtype, attention=attention or "default",
+               capacity=capacity or L,
                tokens_per_seq=float(np.mean(stats["tokens_per_seq"])), compile_s=compile_s, first_step_s=first_s,
                step_s=med, step_times_s=times, nt_per_s=B * L / med, model_gflop_per_step=step_flops / 1e9,
                model_gflops=step_flops / med / 1e9, peak_gflops=peak, mfu=step_flops / med / 1e9 / peak,
-               memory=mem, loss=float(m["loss"]))
+               memory=mem, loss=float(m["loss"]), cudnn_attention_calls=cudnn_calls)
     log(f"  {name} L={L} {mode} {dtype}: {row['nt_per_s']:.0f} nt/s, step {med:.2f}s, MFU {row['mfu']:.0%}, "
         f"compile {compile_s:.1f}s, peak mem {(mem or {}).get('peak_bytes', 0) / 2**20:.0f} MiB")
     return row
@@ -142,21 +150,28 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny config, L=128, 2 repeats (smoke test)")
+    p.add_argument("--fasta", default=common.DEFAULT_FASTA)
+    p.add_argument("--peak-n", type=int, default=4096, help="n of the n^3 matmul the MFU is measured against")
+    p.add_argument("--attention", default="default", choices=["default", "xla", "cudnn", "reference"],
+                   help="attention implementation (mxdna_jax/ops/attention.py; default: chosen per platform)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    p.add_argument("--name", default=None, help="output file stem (default: train_step, or train_step_quick)")
     a = p.parse_args(argv)
     if a.quick:
         a.configs, a.lengths, a.repeats = ["tiny"], [128], 2
     log = lambda s: print(s, flush=True)
-    probes = {d: common.PeakProbe(d) for d in a.dtypes}
+    probes = {d: common.PeakProbe(d, n=a.peak_n) for d in a.dtypes}
+    attention = None if a.attention == "default" else a.attention
     rows = []
     for name in a.configs:
         for L in a.lengths:
             for mode in a.modes:
                 for dtype in a.dtypes:
-                    rows.append(bench_one(name, L, a.batch, mode, dtype, a.repeats, probes, log))
+                    rows.append(bench_one(name, L, a.batch, mode, dtype, a.repeats, probes, log, fasta=a.fasta,
+                                          attention=attention))
     result = {"machine": common.machine_info(), "args": vars(a), "rows": rows}
     out = pathlib.Path(a.out)
-    stem = "train_step_quick" if a.quick else "train_step"
+    stem = a.name or ("train_step_quick" if a.quick else "train_step")
     common.write_json(out / f"{stem}.json", result)
     (out / f"{stem}.md").write_text(render(result))
     print(render(result))
