@@ -86,16 +86,29 @@ def step_losses(workdir):
     return out
 
 
-def test_kill_and_resume_is_exact(tmp_path):
+# The MAE run below is the resume test of both objectives' machinery (MLM's resume is exact in
+# test_cli.py's SIGTERM test); it also exercises the barcode corpus and the probe on a checkpoint.
+MAE_FAST = ["--config.model.hidden_size=32", "--config.model.num_attention_heads=2",
+            "--config.model.intermediate_size=64", "--config.model.num_token_layers=2",
+            "--config.model.mae_decoder_layers=1", "--config.data.window=120", "--config.data.global_batch_size=8",
+            "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.warmup_steps=2"]
+
+
+def mae_cmd(workdir, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "--config=" + str(ROOT / "configs/barcode_mae.py"),
+            f"--workdir={workdir}", *MAE_FAST, *extra]
+
+
+def test_mae_kill_and_resume_is_exact(tmp_path):
     steps = ["--config.train.steps=10", "--config.checkpoint.every_steps=4"]
-    full = subprocess.run(train_cmd(tmp_path / "full", *steps), env=env_for(), capture_output=True, text=True,
+    full = subprocess.run(mae_cmd(tmp_path / "full", *steps), env=env_for(), capture_output=True, text=True,
                           timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
     ref = step_losses(tmp_path / "full")
     assert sorted(ref) == list(range(1, 11))
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(work, *steps), env=env_for(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(mae_cmd(work, *steps), env=env_for(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     marker = work / "checkpoints" / "4" / "mxdna_manifest.json"
     deadline = time.time() + 300
@@ -106,25 +119,28 @@ def test_kill_and_resume_is_exact(tmp_path):
     proc.wait()
     killed_at = max(step_losses(work))
     assert killed_at < 10, "the run finished before it could be killed"
-    resumed = subprocess.run(train_cmd(work, *steps), env=env_for(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(mae_cmd(work, *steps), env=env_for(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = step_losses(work)
     for s in range(5, 11):
-        assert got[s] == ref[s], (s, got[s], ref[s])  # bit-identical, data order included
+        assert got[s] == ref[s], (s, got[s], ref[s])  # bit-identical, data order and masks included
     events = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     starts = [e for e in events if e.get("event") == "start"]
     assert [e["resumed"] for e in starts] == [False, True]
     assert starts[1]["step"] in (4, 8)  # the newest committed checkpoint when the kill landed
+    rows = [e for e in events if e.get("kind") == "train"]
+    assert all(0.45 < r["masked_token_fraction"] < 0.55 and r["overflow_retries"] == 0 for r in rows)
+    assert (work / "barcode_split.tsv").exists()
 
-    # eval.py mlm on the resumed run's final checkpoint
-    fasta = sorted((ROOT / "mxdna_jax" / "data" / "default_corpus").glob("*.fna.gz"))[0]
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "mlm", f"--workdir={work}", f"--fasta={fasta}",
-                        "--batches=2", "--batch_size=8", f"--out={work / 'e.json'}"], env=env_for(),
+    # eval.py probe on the resumed run's final checkpoint: the frozen encoder of an MAE run
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "probe", f"--init_from={work}",
+                        f"--workdir={work / 'probe'}", "--max_per_split=40", "--batch_size=8"], env=env_for(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((work / "e.json").read_text())
-    assert res["step"] == 10 and np.isfinite(res["mlm_loss"]) and 0 < res["accuracy"] < 1
-    assert f"{res['mlm_loss']:.4f}" in r.stdout
+    res = json.loads((work / "probe" / "probe.json").read_text())
+    assert res["step"] == 10
+    assert 0 <= res["knn_genus/accuracy"] <= 1 and 0 <= res["linear_species/accuracy"] <= 1
+    assert res["unused_parameters"] > 0  # the MAE decoder and head: not part of the encoder
 
 
 def free_port():
