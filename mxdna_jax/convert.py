@@ -120,8 +120,11 @@ def cls_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-# The conversion rules of each head of the registry (mxdna_jax.heads.HEAD_NAMES).
-RULES = {"mlm": mlm_rules, "cls": cls_rules, "tokens": backbone_rules}
+# The conversion rules of each head of the registry (mxdna_jax.heads.HEAD_NAMES). The MAE head has
+# no official counterpart: its encoder exports as the official backbone and its decoder, which
+# pretraining throws away, is not exported (UNOFFICIAL lists what is left out).
+RULES = {"mlm": mlm_rules, "cls": cls_rules, "tokens": backbone_rules, "mae": backbone_rules}
+UNOFFICIAL = {"mae": ("decoder_embed", "mask_embedding", "decoder_layers", "decoder_norm", "mae_head")}
 
 
 def rules_for(model) -> list[Rule]:
