@@ -21,7 +21,8 @@ class Objective(Protocol):
     head: str  # the model head it trains: one of mxdna_jax.heads.HEAD_NAMES
 
     def example(self, tokens_L: np.ndarray, rng: np.random.Generator, label: Any = None) -> dict[str, np.ndarray]:
-        """One encoded sequence ([CLS] ... [SEP], int32) -> the example dict the loss reads."""
+        """One encoded sequence ([CLS] ... [SEP], int32, right-padded with [PAD] for barcodes) -> the
+        example dict the loss reads."""
 
     def loss(self, model, batch: dict[str, jax.Array], rng, *, token_capacity: int | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
