@@ -424,3 +424,19 @@ def fmt(x, digits: int = 3) -> str:
     if ax >= 1:
         return f"{x:.2f}"
     return f"{x:.{digits}f}"
+
+
+def run_log(out: pathlib.Path) -> Callable[[str], None]:
+    """A logger for the long comparison harnesses: each line timestamped, to stdout and appended
+    to OUT/log.txt (a resumed run continues the same file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.txt", "a")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    return log
+

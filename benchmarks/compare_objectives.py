@@ -24,6 +24,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import run_log  # noqa: E402 (benchmarks/common.py, next to this file)
 
 TOKENIZERS = ("kmer", "learnt")
 OBJECTIVES = ("mlm", "mae")
@@ -85,14 +86,7 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.steps, args.batch, args.max_per_split = 1, 10, 8, 200
     out = pathlib.Path(args.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = run_log(out)
 
     from mxdna_jax.evaluation.metrics import aggregate, fmt_mean_std
 

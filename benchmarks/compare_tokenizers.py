@@ -27,6 +27,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import run_log  # noqa: E402 (benchmarks/common.py, next to this file)
 
 SHARED = ROOT.parent / "shared" / "data"
 GUE = SHARED / "gue_deepgene_mirror"
@@ -109,7 +110,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
     p.add_argument("--fasta", default=str(SHARED / "human_chr20_grch37" / "20.fa.gz"))
     p.add_argument("--tasks", default="prom/prom_core_all,prom/prom_300_tata,tf/0,mouse/0")
-    p.add_argument("--ablation_tasks", default="prom/prom_300_tata,mouse/0")
+    p.add_argument("--ablation_tasks", default="prom/prom_core_all,mouse/0")
     p.add_argument("--tokenizers", default=",".join(TOKENIZERS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=300, help="pretraining steps (each tokenizer)")
@@ -130,14 +131,7 @@ def main(argv=None):
         args.tasks, args.ablation_tasks, args.hidden, args.heads, args.layers = "prom/prom_300_tata", "", 32, 2, 1
         args.bpe_vocab = 256
     out = pathlib.Path(args.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = run_log(out)
 
     tasks = [t for t in args.tasks.split(",") if t]
     ab_tasks = [t for t in args.ablation_tasks.split(",") if t]
