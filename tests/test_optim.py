@@ -77,7 +77,8 @@ def test_config_model_section_is_model_config(name):
     c = load_config(name)
     assert set(c.model.keys()) == {f.name for f in dataclasses.fields(ModelConfig)}
     m = ModelConfig.from_dict(c.model.to_dict())
-    assert set(c.keys()) == {"model", "objective", "init_from", "data", "train", "checkpoint", "mesh", "finetune"}
+    assert set(c.keys()) == {"model", "objective", "init_from", "data", "train", "checkpoint", "mesh", "finetune",
+                            "mae"}
     # one source per knob: the aux-loss weight and the compute dtype live in the model section only
     assert m.router_aux_loss_coef == 0.01 and "aux_loss_coef" not in c.train and "compute_dtype" not in c.train
     if name == "base":
