@@ -132,7 +132,9 @@ def eval_mlm() -> dict:
         return mlm_loss_fn(model, batch, None, token_capacity=token_capacity)[1]
 
     # the training loop's evaluator: masked-count-weighted means, capacity re-run on overflow
-    m = Evaluator(eval_step, CapacityPolicy.for_model(model.cfg, window + 2))(model, batches)
+    # the capacity follows the windows' token counts (0.5 x L until `patience` batches fit a
+    # smaller rung of the ladder; an overflow is re-run larger)
+    m = Evaluator(eval_step, CapacityPolicy.for_model(model.cfg, window + 2, adaptive=True))(model, batches)
     weight = sum(float(np.sum(b["labels"] != vocab.IGNORE_LABEL)) for b in batches)
     result = {k: float(m[k]) for k in ("mlm_loss", "accuracy", "aux_loss")}
     result.update(step=step, fasta=paths["fasta"], window=window, windows=len(batches) * _BATCH_SIZE.value,

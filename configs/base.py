@@ -81,6 +81,15 @@ def build(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         eval_every=2_000,
         eval_batches=20,
         capacity_growth=1.5,          # compact-mode token capacity multiplier after an overflow
+        # the capacity follows the token counts (mxdna_jax.capacity): the smallest rung of a ladder
+        # of x(1 + bucket_step) steps holding (1 + margin) x the recent largest count; it shrinks
+        # after `patience` steps that would fit a smaller rung; no move that compiles a new step
+        # with fewer than `min_remaining` steps left. False: fixed, grown on overflow only
+        capacity_adaptive=True,
+        capacity_margin=0.05,
+        capacity_patience=10,
+        capacity_bucket_step=0.0625,
+        capacity_min_remaining=100,
     ))
 
     # Not `async`: a Python keyword cannot be parsed by config_flags (--config.checkpoint.async=...).

@@ -19,6 +19,12 @@ class Experiment:
     objective: objectives.Objective
     seed: int = 0
     capacity_growth: float = 1.5
+    # the capacity follows the token counts (capacity.CapacityTracker): train.capacity_* fields
+    capacity_adaptive: bool = True
+    capacity_margin: float = 0.05
+    capacity_patience: int = 10
+    capacity_bucket_step: float = 0.0625
+    capacity_min_remaining: int = 100
     # host-side unit encoding for tokenizers that take their units as an input (bpe): ids -> units
     segmenter: Any = None
 
@@ -42,7 +48,10 @@ class Experiment:
 
     def capacity(self, length: int) -> CapacityPolicy:
         """The token-capacity policy at padded length `length` (incl. [CLS]/[SEP])."""
-        return CapacityPolicy.for_model(self.model_config, length, growth=self.capacity_growth)
+        return CapacityPolicy.for_model(self.model_config, length, growth=self.capacity_growth,
+                                        adaptive=self.capacity_adaptive, margin=self.capacity_margin,
+                                        patience=self.capacity_patience, bucket_step=self.capacity_bucket_step,
+                                        min_remaining=self.capacity_min_remaining)
 
 
 def model_config(config) -> ModelConfig:
@@ -70,5 +79,10 @@ def build(config, *, bpe_path: str | None = None) -> Experiment:
         except (ValueError, OSError) as e:
             raise cli.UserError(f"model.tokenizer='bpe': {cli.one_line(e)}") from None
         segmenter = objective.segmenter
-    return Experiment(mc, objective, seed=int(config.train.seed),
-                      capacity_growth=float(config.train.get("capacity_growth", 1.5)), segmenter=segmenter)
+    t = config.train
+    return Experiment(mc, objective, seed=int(t.seed), capacity_growth=float(t.get("capacity_growth", 1.5)),
+                      capacity_adaptive=bool(t.get("capacity_adaptive", True)),
+                      capacity_margin=float(t.get("capacity_margin", 0.05)),
+                      capacity_patience=int(t.get("capacity_patience", 10)),
+                      capacity_bucket_step=float(t.get("capacity_bucket_step", 0.0625)),
+                      capacity_min_remaining=int(t.get("capacity_min_remaining", 100)), segmenter=segmenter)

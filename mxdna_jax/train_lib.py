@@ -114,6 +114,8 @@ def _combine_metrics(metrics, weights):
     for k, v in metrics.items():
         if v.dtype == jnp.bool_:
             out[k] = v.any()
+        elif k == "max_tokens":  # what the capacity must hold: the largest over the micro-batches
+            out[k] = v.max()
         elif k == "loss_weight":
             out[k] = v.sum()
         else:

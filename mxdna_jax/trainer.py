@@ -35,14 +35,25 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------ evaluation
 
 
+# per-step token counts the capacity tracker reads; logged as real_tokens_* by the train loop
+_COUNT_KEYS = ("max_tokens", "mean_tokens")
+
+
 class Evaluator:
-    """Loss-weighted means of an eval step's scalar metrics over batches; a compact batch that
-    overflows is re-run larger (the policy), and the grown capacity is kept for the next call."""
+    """Loss-weighted means of an eval step's scalar metrics over batches. The compact capacity
+    follows the batches' token counts (`tracker`, a capacity.CapacityTracker; a loss evaluates in
+    one call, so the count is known only afterwards) and a batch that overflows is re-run larger.
+    `tracker` persists across calls; the train loop resets it to the training capacity before
+    each evaluation, so what an evaluation computes does not depend on earlier evaluations."""
 
     def __init__(self, eval_step, policy: CapacityPolicy, *, to_global: Callable = lambda b: b,
                  on_retry: Callable[[int, int], None] | None = None):
         self.eval_step, self.policy, self.to_global, self.on_retry = eval_step, policy, to_global, on_retry
-        self.capacity = policy.initial
+        self.tracker = policy.tracker()
+
+    @property
+    def capacity(self) -> int | None:
+        return self.tracker.capacity
 
     def __call__(self, state, batches: Iterable) -> dict[str, float]:
         sums: dict[str, float] = {}
@@ -54,10 +65,11 @@ class Evaluator:
                 m = jax.device_get(self.eval_step(state, batch, token_capacity=cap))
                 return m, m["overflow"]
 
-            m, self.capacity = self.policy.run(attempt, self.capacity, on_retry=self.on_retry)
+            m, cap = self.tracker.run(attempt, on_retry=self.on_retry)
+            self.tracker.update(cap, m.get("max_tokens"))
             w = float(m["loss_weight"])
             for key, v in m.items():
-                if key not in ("overflow", "loss_weight") and np.ndim(v) == 0:
+                if key not in ("overflow", "loss_weight", *_COUNT_KEYS) and np.ndim(v) == 0:
                     sums[key] = sums.get(key, 0.0) + w * float(v)
             total_w += w
             n += 1
@@ -67,11 +79,13 @@ class Evaluator:
 
 
 def train_step_with_retry(train_step, state, batch, capacity, policy: CapacityPolicy, *,
-                          on_retry: Callable[[int, int], None] | None = None, pending=None):
+                          on_retry: Callable[[int, int], None] | None = None, pending=None,
+                          grow: Callable[[int], int] | None = None):
     """Run one step; after an overflow rerun the SAME step from the SAME pre-step state (the
     jitted step returns it untouched on overflow, although its input was donated) at the next
-    capacity until it fits. `pending`: an already dispatched (state, metrics) of the first
-    attempt (lets the caller overlap host work with it). Returns (state, host metrics, capacity)."""
+    capacity (`grow`, default policy.grow; a CapacityTracker's prefers compiled capacities) until
+    it fits. `pending`: an already dispatched (state, metrics) of the first attempt (lets the
+    caller overlap host work with it). Returns (state, host metrics, capacity)."""
     current = {"state": state, "pending": pending}
 
     def attempt(cap):
@@ -80,7 +94,7 @@ def train_step_with_retry(train_step, state, batch, capacity, policy: CapacityPo
         m = jax.device_get(metrics)
         return m, m["overflow"]
 
-    m, capacity = policy.run(attempt, capacity, on_retry=on_retry)
+    m, capacity = policy.run(attempt, capacity, on_retry=on_retry, grow=grow)
     return current["state"], m, capacity
 
 
@@ -97,6 +111,7 @@ class Start:
     warm: Any  # params_io.LoadReport of a warm start, else None
     token_capacity: int | None
     step: int  # the step `state` is at (read once: the first train step donates `state`)
+    capacity_state: dict | None = None  # the checkpoint's CapacityTracker state (adaptive policies)
 
 
 def arrays_of(tree: TrainState) -> dict[str, Any]:
@@ -123,7 +138,7 @@ def restore_or_init(config, workdir: str, ckpt: checkpoint.CheckpointManager, mo
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     arrays_of(abstract), arrays_of(shardings))
     restored = ckpt.restore_latest(abstract_sharded, validate_meta=validate_meta)
-    capacity, warm = policy.initial, None
+    capacity, warm, capacity_state = policy.initial, None, None
     if restored is not None:
         rep = sharding.replicated(mesh)
         state = TrainState(step=jax.device_put(jnp.asarray(restored.meta["step"], jnp.int32), rep),
@@ -131,13 +146,18 @@ def restore_or_init(config, workdir: str, ckpt: checkpoint.CheckpointManager, mo
                            rng=jax.device_put(np.asarray(restored.meta["rng"], np.uint32), rep),
                            rest=restored.arrays.get("rest", abstract.rest))
         if restored.meta.get("token_capacity") is not None and capacity is not None:
-            capacity = max(capacity, int(restored.meta["token_capacity"]))  # a grown capacity stays grown
+            if policy.adaptive:  # the capacity the run had reached (and how it got there): same next choices
+                capacity = int(restored.meta["token_capacity"])
+                capacity_state = dict(restored.meta.get("capacity_tracker") or {}, capacity=capacity)
+            else:
+                capacity = max(capacity, int(restored.meta["token_capacity"]))  # a grown capacity stays grown
     else:
         graphdef, state, _ = init_train_state(model_ctor, tx, mesh, int(config.train.seed))
         init_from = str(config.get("init_from", "") or "")
         if init_from:
             state, warm = warm_start(state, graphdef, init_from)
-    return Start(graphdef, state, shardings, restored, changes, warm, capacity, int(jax.device_get(state.step)))
+    return Start(graphdef, state, shardings, restored, changes, warm, capacity, int(jax.device_get(state.step)),
+                 capacity_state)
 
 
 def warm_start(state: TrainState, graphdef, source: str):
@@ -182,11 +202,17 @@ class _Window:
         self.sums, self.steps, self.tokens, self.retries, self.t0 = {}, 0, 0, 0, time.perf_counter()
         self.timed_steps = 0
         self.excluded = 0.0  # eval / checkpoint / compile time inside the window, not throughput
+        self.capacity: dict[str, float] = {}  # sums of the compact-capacity figures (steps that have a capacity)
 
-    def add(self, m, tokens, *, timed=True):
+    def add(self, m, tokens, *, timed=True, capacity=None):
         for k, v in m.items():
-            if np.ndim(v) == 0 and k not in ("overflow", "finite", "applied"):
+            if np.ndim(v) == 0 and k not in ("overflow", "finite", "applied", *_COUNT_KEYS):
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        if capacity is not None and "max_tokens" in m:
+            c = self.capacity
+            for k, v in (("n", 1.0), ("capacity", capacity), ("max", float(m["max_tokens"])),
+                         ("util", float(m.get("mean_tokens", m["max_tokens"])) / capacity)):
+                c[k] = c.get(k, 0.0) + v
         self.steps += 1
         if timed:
             self.tokens += tokens
@@ -198,6 +224,11 @@ class _Window:
         if self.timed_steps:
             out.update(steps_per_sec=self.timed_steps / dt, nt_per_s=self.tokens / dt)
         out["overflow_retries"] = self.retries
+        if self.capacity:
+            n = self.capacity["n"]
+            # token rows the token layers ran on vs the rows the batches needed (their longest sequence)
+            out.update(token_capacity_mean=self.capacity["capacity"] / n, real_tokens_max=self.capacity["max"] / n,
+                       capacity_utilisation=self.capacity["util"] / n)
         return out
 
 
@@ -259,9 +290,16 @@ class TrainLoop:
         self.to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
                                            global_batch_size=self.global_batch)
         self.shard_index, self.num_shards = sharding.process_batch_slice(mesh, self.global_batch)
-        self.state, self.capacity = start.state, start.token_capacity
+        self.state = start.state
+        self.tracker = policy.tracker(start.token_capacity)
+        if start.capacity_state is not None:
+            self.tracker.load_state_dict(start.capacity_state)
         self.logger = None
         self.evaluator = Evaluator(eval_step, policy, to_global=self.to_global, on_retry=self._eval_retry)
+
+    @property
+    def capacity(self) -> int | None:
+        return self.tracker.capacity
 
     def _eval_retry(self, old, new):
         self.logger.event(self.step, "eval_capacity_grown", old=old, new=new)
@@ -319,15 +357,15 @@ class TrainLoop:
     def _save(self, step, data_state):
         self.ckpt.save(step, arrays_of(self.state), data_state=data_state,
                        meta={"rng": np.asarray(jax.device_get(self.state.rng)).tolist(),
-                             "token_capacity": self.capacity, "config": config_json(self.config),
-                             "time": time.time()})
+                             "token_capacity": self.capacity, "capacity_tracker": self.tracker.state_dict(),
+                             "config": config_json(self.config), "time": time.time()})
 
     def _evaluate(self, step, eval_iter_factory):
         if eval_iter_factory is None:
             return
         it = eval_iter_factory(self.shard_index, self.num_shards)
         batches = (b for _, b in zip(range(int(self.config.train.eval_batches)), it))
-        self.evaluator.capacity = max(self.evaluator.capacity or 0, self.capacity or 0) or None
+        self.evaluator.tracker = self.policy.tracker(self.capacity)
         m = self.evaluator(self.state, batches)
         self.logger.log(step, {f"val_{k}": v for k, v in m.items()}, kind="eval")
 
@@ -335,29 +373,43 @@ class TrainLoop:
         tc, ck, logger = self.config.train, self.config.checkpoint, self.logger
         total, every, log_every, eval_every = int(tc.steps), int(ck.every_steps), int(tc.log_every), int(tc.eval_every)
         window = _Window()
+        compiled = {self.capacity}  # capacities whose step is compiled (the first step compiles its own)
         step = self.step
         batch = self.to_global(next(train_iter)) if step < total else None
         while step < total:
             saving = (step + 1) % every == 0 or step + 1 == total
+            t_step = time.perf_counter()
             pending = self.train_step(self.state, batch, token_capacity=self.capacity)  # async dispatch
             # The iterator's position right after this step's batch, before prefetching the next.
             data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
             next_batch = self.to_global(next(train_iter)) if step + 1 < total else None  # overlaps compute
 
-            def on_retry(old, new, step=step):
+            attempted = {self.capacity}
+
+            def on_retry(old, new, step=step, attempted=attempted):
                 window.retries += 1
+                attempted.add(new)
                 logger.event(step + 1, "capacity_grown", old=old, new=new)
 
-            self.state, m, self.capacity = train_step_with_retry(self.train_step, self.state, batch, self.capacity,
-                                                                 self.policy, on_retry=on_retry, pending=pending)
+            self.state, m, held = train_step_with_retry(self.train_step, self.state, batch, self.capacity,
+                                                        self.policy, on_retry=on_retry, pending=pending,
+                                                        grow=self.tracker.grow)
             self._check(step + 1, m)
+            # the next step's capacity
+            if self.tracker.update(held, m.get("max_tokens"), remaining=total - step - 1) != held:
+                logger.event(step + 1, "capacity_changed", old=held, new=self.capacity,
+                             max_tokens=int(round(float(m["max_tokens"]))))
             if step == self.start.step:  # includes compilation: logged, but kept out of the throughput
                 seconds = time.perf_counter() - window.t0
                 logger.event(step + 1, "first_step_done", seconds=seconds)
-                window.add(m, _tokens(batch), timed=False)
+                window.add(m, _tokens(batch), timed=False, capacity=held)
                 window.excluded += seconds
+            elif not attempted <= compiled:  # compiled a new capacity: kept out of the throughput too
+                window.add(m, _tokens(batch), timed=False, capacity=held)
+                window.excluded += time.perf_counter() - t_step
             else:
-                window.add(m, _tokens(batch))
+                window.add(m, _tokens(batch), capacity=held)
+            compiled |= attempted
             step = self.step = step + 1
             batch = next_batch
             logger.advance()

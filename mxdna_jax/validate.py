@@ -22,6 +22,9 @@ RESUME_SAFE_FIELDS = frozenset({
     "data.num_workers", "data.read_threads", "data.prefetch_batches", "data.cache_dir",
     "mesh.data", "mesh.fsdp", "mesh.model",
     "init_from",  # only read by a fresh start
+    # how many token rows compact mode computes, not what: like the mesh, reduction order only
+    "train.capacity_growth", "train.capacity_adaptive", "train.capacity_margin", "train.capacity_patience",
+    "train.capacity_bucket_step", "train.capacity_min_remaining",
 })
 # Sections a pretraining run never reads (eval.py finetune's settings).
 RESUME_SAFE_SECTIONS = ("finetune",)
@@ -61,6 +64,14 @@ def check_training_config(config) -> None:
                         "directory or an official .safetensors)")
     if float(t.get("capacity_growth", 1.5)) <= 1:
         raise UserError(f"train.capacity_growth must be > 1, got {t.capacity_growth!r}")
+    if not float(t.get("capacity_bucket_step", 0.0625)) > 0:
+        raise UserError(f"train.capacity_bucket_step must be > 0, got {t.capacity_bucket_step!r}")
+    if not float(t.get("capacity_margin", 0.05)) >= 0:
+        raise UserError(f"train.capacity_margin must be >= 0, got {t.capacity_margin!r}")
+    if "capacity_patience" in t:
+        _positive(t, "train", "capacity_patience")
+    if "capacity_min_remaining" in t:
+        _non_negative(t, "train", "capacity_min_remaining")
     gb, k = int(d.global_batch_size), int(t.grad_accum_steps)
     if gb % k:
         raise UserError(f"data.global_batch_size={gb} is not divisible by train.grad_accum_steps={k}")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mxdna_jax import vocab
+from mxdna_jax import staged, vocab
 from mxdna_jax.capacity import CapacityPolicy
 from mxdna_jax.cli import UserError
 
@@ -82,6 +82,17 @@ def _tokens_forward(model, ids, am, key, units, token_capacity):
     return model(ids, am, jitter_key=key, token_capacity=token_capacity, units=units)
 
 
+@nnx.jit
+def _prefix(model, ids, am, key, units):
+    return staged.prefix(model, ids, am, jitter_key=key, units=units)
+
+
+@nnx.jit(static_argnames=("token_capacity",))
+def _finish(model, prefix, token_capacity):
+    # compiled once per (model structure, batch shape, rung): the policy's ladder bounds the rungs
+    return staged.finish(model, prefix, token_capacity)
+
+
 def segmenter_for(model, source: str | None = None):
     """The host-side unit encoder a `tokenizer='bpe'` model needs (the BPE JSON next to the
     source's checkpoint, else model.bpe_path); None for every other tokenizer."""
@@ -97,19 +108,26 @@ def segmenter_for(model, source: str | None = None):
 
 
 def _forward(model, L: int, segmenter=None) -> Callable:
-    """fn(batch, jitter_key=None) -> TokenExtractionOutput on host, the compact capacity re-run
-    larger on overflow (the policy of length L)."""
+    """fn(batch, jitter_key=None) -> TokenExtractionOutput on host. Compact mode: the nucleotide
+    layers and the tokenizer run first and give the batch's token count, the token layers then run
+    at the smallest rung of the policy's ladder that holds it (mxdna_jax.staged; until that rung
+    has come back a few times, an already compiled one up to 1.25x above: capacity.Rungs), and
+    never retry."""
     policy = CapacityPolicy.for_model(model.cfg, L)
+    counted = policy.counted()  # this length's rungs, compiled as they keep coming back
 
     def call(batch, jitter_key=None):
         ids, am = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
         units = None if segmenter is None else jnp.asarray(segmenter(batch["input_ids"]))
+        if not policy.enabled:
+            return jax.device_get(_tokens_forward(model, ids, am, jitter_key, units, token_capacity=None))
+        prefix, count = _prefix(model, ids, am, jitter_key, units)
 
         def attempt(cap):
-            out = _tokens_forward(model, ids, am, jitter_key, units, token_capacity=cap)
+            out = _finish(model, prefix, token_capacity=cap)
             return out, out.backbone.overflow
 
-        out, _ = policy.run(attempt)
+        out, _ = counted.run(int(count), attempt)
         return jax.device_get(out)
 
     return call

@@ -69,32 +69,51 @@ def _encode(task, cfg, f):
 
 
 class _Logits:
-    """Jitted (params, rest, batch) -> logits (B, C) per bucket length, the capacity re-run on
-    overflow (the policy of that length)."""
+    """Jitted (params, rest, batch) -> logits (B, C) per bucket length. Compact mode runs in two
+    calls (mxdna_jax.staged): the nucleotide layers and the tokenizer give the batch's token count,
+    the rest runs at the smallest bucket of the policy's ladder that holds it."""
 
     def __init__(self, exp, graphdef, shardings, mesh, compute_dtype):
+        from mxdna_jax import staged
+
         self.exp, self.mesh = exp, mesh
+        bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+        def merged(params, rest):
+            return nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
 
         def fwd(params, rest, batch, token_capacity):
-            model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
-            logits, out = model(batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"],
-                                token_capacity=token_capacity, units=batch.get("units"))
+            logits, out = merged(params, rest)(batch["input_ids"], batch["attention_mask"],
+                                               batch["special_tokens_mask"], token_capacity=token_capacity,
+                                               units=batch.get("units"))
             return logits, out.overflow
 
-        self.jitted = jax.jit(fwd, in_shardings=(shardings.params, shardings.rest, sharding.batch_sharding(mesh)),
-                              out_shardings=sharding.replicated(mesh), static_argnums=3)
-        self.capacity: dict[int, int | None] = {}
+        def prefix(params, rest, batch):
+            return staged.prefix(merged(params, rest), batch["input_ids"], batch["attention_mask"],
+                                 batch["special_tokens_mask"], units=batch.get("units"))
+
+        def finish(params, rest, p, token_capacity):
+            logits, out = staged.finish(merged(params, rest), p, token_capacity)
+            return logits, out.overflow
+
+        self.jitted = jax.jit(fwd, in_shardings=(shardings.params, shardings.rest, bs), out_shardings=rep,
+                              static_argnums=3)
+        self.prefix = jax.jit(prefix, in_shardings=(shardings.params, shardings.rest, bs), out_shardings=(bs, rep))
+        self.finish = jax.jit(finish, in_shardings=(shardings.params, shardings.rest, bs), out_shardings=rep,
+                              static_argnums=3)
+        self.counted: dict = {}  # per bucket length: capacity.CountedCapacity
 
     def __call__(self, params, rest, batch) -> np.ndarray:
         L = batch["input_ids"].shape[1]
         policy = self.exp.capacity(L)
-
-        def attempt(cap):
-            with jax.set_mesh(self.mesh):
-                logits, overflow = self.jitted(params, rest, batch, cap)
-            return logits, overflow
-
-        logits, self.capacity[L] = policy.run(attempt, self.capacity.get(L))
+        with jax.set_mesh(self.mesh):
+            if not policy.enabled:
+                logits, _ = self.jitted(params, rest, batch, None)
+            else:
+                p, count = self.prefix(params, rest, batch)
+                if L not in self.counted:
+                    self.counted[L] = policy.counted()
+                logits, _ = self.counted[L].run(int(count), lambda cap: self.finish(params, rest, p, cap))
         return np.asarray(jax.device_get(logits), np.float32)
 
 
@@ -155,7 +174,7 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
         # The starting point on dev (fresh head; pretrained or random backbone): what fine-tuning adds.
         dev0 = evaluate_split(exp, logits_fn, state.params, state.rest, enc["dev"], B, to_global)
         logger.log(0, {f"dev_{k}": v for k, v in dev0.items()}, kind="eval")
-        capacity: dict[int, int | None] = {}
+        trackers: dict = {}  # per bucket length: the capacity follows that length's token counts
         eval_every = int(f.eval_every) or steps_per_epoch
         epochs_run = 0
         for epoch in range(int(f.epochs)):
@@ -163,10 +182,13 @@ def finetune_seed(config, task, out_dir: str, *, seed: int, init_from: str | Non
             window: list[float] = []
             for batch in enc["train"].batches(B, shuffle=True, seed=seed, epoch=epoch, drop_remainder=True):
                 L = batch["input_ids"].shape[1]
-                policy = exp.capacity(L)
+                if L not in trackers:
+                    trackers[L] = exp.capacity(L).tracker()
+                tracker = trackers[L]
                 gb = to_global(_model_batch(exp, batch))
-                state, m, capacity[L] = trainer.train_step_with_retry(
-                    step_fn, state, gb, capacity.get(L, policy.initial), policy)
+                state, m, cap = trainer.train_step_with_retry(step_fn, state, gb, tracker.capacity, tracker.policy,
+                                                              grow=tracker.grow)
+                tracker.update(cap, m.get("max_tokens"), remaining=total - step - 1)
                 if not bool(m["finite"]):
                     raise FloatingPointError(f"{task.name} seed {seed}: non-finite loss at step {step + 1}")
                 step += 1

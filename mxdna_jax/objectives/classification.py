@@ -27,7 +27,9 @@ def classification_loss_fn(model, batch, jitter_key, *, token_capacity=None):
     loss = ce + model.cfg.router_aux_loss_coef * out.aux_loss
     correct = jnp.sum(jnp.where(valid_B, logits_BC.argmax(-1) == labels_B, False))
     metrics = {"loss": loss, "ce_loss": ce, "aux_loss": out.aux_loss, "accuracy": correct / n,
-               "loss_weight": valid_B.sum().astype(jnp.float32), "overflow": out.overflow}
+               "loss_weight": valid_B.sum().astype(jnp.float32), "overflow": out.overflow,
+               # token rows per sequence: the compact capacity follows the largest (mxdna_jax.capacity)
+               "max_tokens": out.token_mask.sum(1).max(), "mean_tokens": out.token_mask.sum(1).mean()}
     return loss, metrics
 
 

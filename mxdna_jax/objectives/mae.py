@@ -65,6 +65,8 @@ def mae_loss_fn(model, batch, jitter_key, *, keep_fraction: float, token_capacit
         "overflow": out.overflow,
         "tokens_per_nt": out.token_mask.sum() / jnp.maximum(batch["attention_mask"].sum(), 1),
         "masked_token_fraction": out.masked_rows.sum() / jnp.maximum(units, 1),
+        # token rows per sequence: the compact capacity follows the largest (mxdna_jax.capacity)
+        "max_tokens": out.token_mask.sum(1).max(), "mean_tokens": out.token_mask.sum(1).mean(),
     }
     return loss, metrics
 

@@ -45,6 +45,8 @@ def mlm_loss_fn(model, batch, jitter_key, *, token_capacity=None):
         "overflow": out.overflow,
         # tokens per nucleotide incl. [CLS]/[SEP]: 1 / (mean unit length), roughly
         "tokens_per_nt": n_tokens / jnp.maximum(n_nt, 1),
+        # token rows per sequence: the compact capacity follows the largest (mxdna_jax.capacity)
+        "max_tokens": out.backbone.token_mask.sum(1).max(), "mean_tokens": out.backbone.token_mask.sum(1).mean(),
     }
     return loss, metrics
 
