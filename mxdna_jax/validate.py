@@ -147,7 +147,7 @@ def _section_defaults() -> dict[str, dict[str, Any]]:
             "mae": fields(MAE(), ("mask_ratio", "span", "keep_margin"))}
 
 
-def _with_model_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+def _with_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A saved config whose model/data/mae section predates a field (or the whole section) gets
     that field's default (what the run was, in effect, trained with), so a new field never
     blocks resuming."""
@@ -166,7 +166,7 @@ def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, A
     checkpoint's own copy). Model changes always fail; others fail unless `allow_change`."""
     if not saved:
         return []
-    changes = config_changes(_with_model_defaults(saved), _with_model_defaults(current))
+    changes = config_changes(_with_defaults(saved), _with_defaults(current))
     strict = [c for c in changes if c["field"].split(".", 1)[0] in STRICT_SECTIONS]
     if strict:
         raise UserError(f"{workdir} holds checkpoints of a different model config ({describe_changes(strict)}); "
