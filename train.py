@@ -77,7 +77,8 @@ def main(argv):
             raise
         return cli.fail(f"out of device memory ({cli.one_line(e).split(': ', 1)[-1]}); this config does not fit "
                         f"{jax_devices()}: lower data.global_batch_size or data.window, raise train.grad_accum_steps, "
-                        "or set model.remat=True; the newest checkpoint is kept", cli.EXIT_BAD_INPUT)
+                        "or set model.remat=True with model.remat_policy='nothing'; the newest checkpoint is kept",
+                        cli.EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         return cli.fail("aborted by a second Ctrl-C without saving; the newest complete checkpoint is kept", 130)
     return cli.EXIT_OK

@@ -154,7 +154,7 @@ def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
     ids, am, sm = (jnp.asarray(batch_np[k]) for k in ("input_ids", "attention_mask", "special_tokens_mask"))
     gd = bench.graphdef(cfg)
     state = bench.state
-    rec: dict[str, Any] = {"L": L, "batch": B, "mode": cfg.mode, "dtype": cfg.dtype,
+    rec: dict[str, Any] = {"L": L, "batch": B, "mode": cfg.mode, "dtype": cfg.dtype, "layer_loop": cfg.layer_loop,
                            "attention": bench.attention or "default", "loadavg_before": list(os.getloadavg())}
     capacity = CapacityPolicy.for_model(cfg, L, fraction=args.capacity_fraction).initial
     retries = []
@@ -281,7 +281,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         nt = r["batch"] * r["L"]
         xf = r["xla_cost"]["flops"]
         rows.append([
-            r["L"], r["mode"], r["dtype"], r["capacity"] if r["capacity"] is not None else "L",
+            r["L"], r["mode"] + (f" ({r['layer_loop']})" if len(result["args"].get("layer_loops") or []) > 1 else ""),
+            r["dtype"], r["capacity"] if r["capacity"] is not None else "L",
             common.fmt(r["tokens"]["mean_tokens_per_seq"]), common.fmt(r["tokens"]["mean_unit_length"]),
             common.fmt(r["compile"]["total_s"]), common.fmt(r["forward"]["median_s"]), common.fmt(r["nt_per_s"]),
             common.fmt(r["nt_per_s_best"]),
@@ -363,6 +364,8 @@ def parse_args(argv=None):
     p.add_argument("--fasta", default=common.DEFAULT_FASTA)
     p.add_argument("--attention", default="default", choices=["default", "xla", "cudnn", "reference"],
                    help="attention implementation (mxdna_jax/ops/attention.py; default: chosen per platform)")
+    p.add_argument("--layer-loops", nargs="+", default=None, choices=["scan", "unrolled"],
+                   help="ModelConfig.layer_loop variants, each timed in this process (default: the config's)")
     p.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="output file stem (default: forward, or forward_quick)")
     p.add_argument("--render", metavar="JSON", default=None,
@@ -422,9 +425,9 @@ def main(argv=None) -> int:
         batch_np, data_info = common.real_windows(L, args.batch, seed=args.seed, fasta=args.fasta)
         result.setdefault("data", {})[str(L)] = data_info
         for mode in args.modes:
-            for dt in args.dtypes:
-                cfg = base_cfg.replace(mode=mode, dtype=dt)
-                log(f"L={L} {mode} {dt}")
+            for dt, loop in ((d, lp) for d in args.dtypes for lp in args.layer_loops or [base_cfg.layer_loop]):
+                cfg = base_cfg.replace(mode=mode, dtype=dt, layer_loop=loop)
+                log(f"L={L} {mode} {dt} layers {loop}")
                 try:
                     rec = bench_one(bench, cfg, L, batch_np, args, log)
                 except Exception as e:  # keep the other rows

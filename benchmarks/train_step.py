@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--configs tiny base] [--lengths 512 1024] [--batch 4]
                                     [--modes original compact] [--dtypes float32 bfloat16] [--quick]
+                                    [--layer-loops scan unrolled scan:dots]
 
 The step is the real one (`train_lib.make_train_step`: MLM loss + aux, AdamW, clipping) on a
 1-device mesh, fed real human chr20 windows with DNABERT masking. Model FLOPs of a step are taken
@@ -51,8 +52,17 @@ def token_stats(cfg, graphdef, state, batch, capacity):
     return common.unit_stats(out.center, out.all, out.token_mask, cfg)
 
 
-def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None):
-    cfg = common.model_config(name, mode=mode, dtype=dtype, max_position_embeddings=max(L, 512))
+# --layer-loops: how the identical layers run (ModelConfig.layer_loop), optionally with remat and its
+# policy after a colon: 'scan', 'unrolled', 'scan:dots' (remat, matmul outputs kept), 'scan:nothing'.
+def parse_variant(v: str) -> dict:
+    loop, _, policy = v.partition(":")
+    return dict(layer_loop=loop, remat=bool(policy), **({"remat_policy": policy} if policy else {}))
+
+
+def prepare(name, L, B, mode, dtype, log, fasta=common.DEFAULT_FASTA, attention=None, variant=None):
+    """Everything up to a compiled, warmed-up step: a dict `run` with run['step']() doing one timed step."""
+    overrides = parse_variant(variant) if variant else {}
+    cfg = common.model_config(name, mode=mode, dtype=dtype, max_position_embeddings=max(L, 512), **overrides)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tx, sched = optim.make_optimizer(TRAIN)
 
@@ -82,31 +92,59 @@ def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAUL
             mem["peak_bytes"] = mem["temp_bytes"] + mem["argument_bytes"]
         except Exception as e:  # noqa: BLE001 - not every backend reports it
             log(f"  memory analysis unavailable: {e}")
-    t0 = time.perf_counter()
-    state, m = step(state, batch, token_capacity=capacity)  # first call (cached executable)
-    jax.block_until_ready(m)
-    first_s = time.perf_counter() - t0
-    assert not bool(m["overflow"]), "capacity overflow in the benchmark batch"
-    times, peaks = [], []
-    for _ in range(repeats):
+    run = dict(cfg=cfg, name=name, L=L, B=B, mode=mode, dtype=dtype, attention=attention, variant=variant,
+               capacity=capacity, stats=stats, compile_s=compile_s, cudnn_calls=cudnn_calls, mem=mem)
+
+    def one():
         t0 = time.perf_counter()
-        state, m = step(state, batch, token_capacity=capacity)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-        peaks.append(probes[dtype].gflops_once())
-    fl = common.analytic_flops(cfg, B, L, stats, mode=mode, capacity=capacity)
+        run["state"], run["metrics"] = step(run["state"], batch, token_capacity=capacity)
+        jax.block_until_ready(run["metrics"])
+        return time.perf_counter() - t0
+
+    run["state"], run["step"] = state, one
+    run["first_step_s"] = one()  # first call (cached executable)
+    assert not bool(run["metrics"]["overflow"]), "capacity overflow in the benchmark batch"
+    return run
+
+
+def finish(run, times, peaks, log):
+    """The result row of a prepared run from its step times and the matmul rates timed next to them."""
+    cfg, B, L, mode, capacity, mem = run["cfg"], run["B"], run["L"], run["mode"], run["capacity"], run["mem"]
+    fl = common.analytic_flops(cfg, B, L, run["stats"], mode=mode, capacity=capacity)
     step_flops = 3.0 * fl["model"]["total"]
     med = statistics.median(times)
     peak = statistics.median(peaks)
-    row = dict(config=name, L=L, batch=B, mode=mode, dtype=dtype, attention=attention or "default",
-               capacity=capacity or L,
-               tokens_per_seq=float(np.mean(stats["tokens_per_seq"])), compile_s=compile_s, first_step_s=first_s,
-               step_s=med, step_times_s=times, nt_per_s=B * L / med, model_gflop_per_step=step_flops / 1e9,
-               model_gflops=step_flops / med / 1e9, peak_gflops=peak, mfu=step_flops / med / 1e9 / peak,
-               memory=mem, loss=float(m["loss"]), cudnn_attention_calls=cudnn_calls)
-    log(f"  {name} L={L} {mode} {dtype}: {row['nt_per_s']:.0f} nt/s, step {med:.2f}s, MFU {row['mfu']:.0%}, "
-        f"compile {compile_s:.1f}s, peak mem {(mem or {}).get('peak_bytes', 0) / 2**20:.0f} MiB")
+    row = dict(config=run["name"], L=L, batch=B, mode=mode, dtype=run["dtype"],
+               attention=run["attention"] or "default", layer_loop=cfg.layer_loop,
+               remat=cfg.remat_policy if cfg.remat else "off", capacity=capacity or L,
+               tokens_per_seq=float(np.mean(run["stats"]["tokens_per_seq"])), compile_s=run["compile_s"],
+               first_step_s=run["first_step_s"], step_s=med, step_times_s=times, nt_per_s=B * L / med,
+               model_gflop_per_step=step_flops / 1e9, model_gflops=step_flops / med / 1e9, peak_gflops=peak,
+               mfu=step_flops / med / 1e9 / peak,
+               # per (step, matmul) pair, then the median: load that hits a pair hits both sides
+               mfu_paired=statistics.median(step_flops / t / 1e9 / p for t, p in zip(times, peaks)),
+               memory=mem, loss=float(run["metrics"]["loss"]), cudnn_attention_calls=run["cudnn_calls"])
+    log(f"  {run['name']} L={L} {mode} {run['dtype']} {run['variant'] or ''}: {row['nt_per_s']:.0f} nt/s, "
+        f"step {med:.2f}s, MFU {row['mfu']:.0%} (paired {row['mfu_paired']:.0%}), compile {run['compile_s']:.1f}s, "
+        f"peak mem {(mem or {}).get('peak_bytes', 0) / 2**20:.0f} MiB")
     return row
+
+
+def bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
+                variants=(None,)):
+    """One row per variant; their timed steps alternate (variant a, b, a, b, ...), each followed by
+    one peak matmul, so the ratios between variants see the same machine load."""
+    runs = [prepare(name, L, B, mode, dtype, log, fasta=fasta, attention=attention, variant=v) for v in variants]
+    times, peaks = [[] for _ in runs], [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            times[i].append(run["step"]())
+            peaks[i].append(probes[dtype].gflops_once())
+    return [finish(run, t, p, log) for run, t, p in zip(runs, times, peaks)]
+
+
+def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None):
+    return bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=fasta, attention=attention)[0]
 
 
 def render(result):
@@ -116,15 +154,26 @@ def render(result):
              "Real human chr20 windows, DNABERT masking, MLM + 0.01 aux loss, AdamW; batch "
              f"{rows[0]['batch'] if rows else '?'}; nt/s counts B x L positions. MFU = 3 x forward model FLOPs / "
              "step time / same-dtype 4096^3 matmul rate timed after each step.\n"]
-    headers = ["config", "L", "mode", "dtype", "capacity", "tokens/seq", "compile s", "step s", "nt/s",
-               "model GFLOP/s", "matmul GFLOP/s", "MFU", "peak MiB"]
-    body = [[r["config"], r["L"], r["mode"], r["dtype"], r["capacity"], common.fmt(r["tokens_per_seq"]),
+    headers = ["config", "L", "mode", "dtype", "layers", "remat", "capacity", "tokens/seq", "compile s", "step s",
+               "nt/s", "model GFLOP/s", "matmul GFLOP/s", "MFU", "MFU paired", "peak MiB"]
+    body = [[r["config"], r["L"], r["mode"], r["dtype"], r.get("layer_loop", "unrolled"), r.get("remat", "off"),
+             r["capacity"], common.fmt(r["tokens_per_seq"]),
              common.fmt(r["compile_s"]), common.fmt(r["step_s"]), f"{r['nt_per_s']:,.0f}",
              common.fmt(r["model_gflops"]), common.fmt(r["peak_gflops"]), f"{r['mfu']:.0%}",
+             f"{r['mfu_paired']:.0%}" if "mfu_paired" in r else "-",
              f"{(r['memory'] or {}).get('peak_bytes', 0) / 2**20:,.0f}"] for r in rows]
     lines.append(common.md_table(headers, body))
     ratios = []
+    same = lambda x, r, *keys: all(x[k] == r[k] for k in ("config", "L", "dtype", "mode", *keys))  # noqa: E731
     for r in rows:
+        if r.get("layer_loop", "unrolled") != "unrolled" or r.get("remat", "off") != "off":
+            u = next((x for x in rows if same(x, r) and x.get("layer_loop") == "unrolled"
+                      and x.get("remat", "off") == "off"), None)
+            if u:
+                ratios.append(f"- {r['config']} L={r['L']} {r['mode']} {r['dtype']}: {r['layer_loop']} "
+                              f"(remat {r['remat']}) / unrolled: step time {r['step_s'] / u['step_s']:.2f}x "
+                              f"(paired MFU ratio {r['mfu_paired'] / u['mfu_paired']:.2f}), compile "
+                              f"{r['compile_s'] / u['compile_s']:.2f}x")
         if r["mode"] == "compact":
             o = next((x for x in rows if x["mode"] == "original" and x["config"] == r["config"]
                       and x["L"] == r["L"] and x["dtype"] == r["dtype"]), None)
@@ -154,6 +203,9 @@ def main(argv=None):
     p.add_argument("--peak-n", type=int, default=4096, help="n of the n^3 matmul the MFU is measured against")
     p.add_argument("--attention", default="default", choices=["default", "xla", "cudnn", "reference"],
                    help="attention implementation (mxdna_jax/ops/attention.py; default: chosen per platform)")
+    p.add_argument("--layer-loops", nargs="+", default=None, metavar="LOOP[:REMAT_POLICY]",
+                   help="variants timed alternately in this process: 'scan', 'unrolled', 'scan:dots' (remat, "
+                        "ModelConfig.remat_policy after the colon); default: the config's own")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     p.add_argument("--name", default=None, help="output file stem (default: train_step, or train_step_quick)")
     a = p.parse_args(argv)
@@ -167,8 +219,8 @@ def main(argv=None):
         for L in a.lengths:
             for mode in a.modes:
                 for dtype in a.dtypes:
-                    rows.append(bench_one(name, L, a.batch, mode, dtype, a.repeats, probes, log, fasta=a.fasta,
-                                          attention=attention))
+                    rows += bench_group(name, L, a.batch, mode, dtype, a.repeats, probes, log, fasta=a.fasta,
+                                        attention=attention, variants=a.layer_loops or (None,))
     result = {"machine": common.machine_info(), "args": vars(a), "rows": rows}
     out = pathlib.Path(a.out)
     stem = a.name or ("train_step_quick" if a.quick else "train_step")

@@ -16,6 +16,8 @@ from mxdna_jax import tokenizers, vocab
 Mode = Literal["original", "compact"]
 ClsPool = Literal["cls", "mean"]
 MaeTarget = Literal["nucleotides", "kmer"]
+LayerLoop = Literal["scan", "unrolled"]
+RematPolicy = Literal["nothing", "dots"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +48,17 @@ class ModelConfig:
     token_capacity_fraction: float = 0.5
     dtype: str = "float32"  # compute dtype; params stay param_dtype
     param_dtype: str = "float32"
-    # Rematerialise each transformer layer in the backward pass (memory for FLOPs).
-    remat: bool = False
+    # How a stack of identical layers (nucleotide, token, MAE decoder) runs: 'scan' (one lax.scan
+    # over the per-layer params, stacked inside the call: one compiled layer body forward and
+    # backward) or 'unrolled' (a Python loop: N copies). Same params, same numbers to rounding.
+    # Rematerialise each layer in the backward (remat), keeping what remat_policy names: 'dots'
+    # (the projection and FFN matmul outputs; attention core and elementwise ops recomputed) or
+    # 'nothing' (the whole layer recomputed: least memory). Defaults from the fp32 base train step
+    # at 4 x 512 on CPU (issue 10): scan 0.83x the step time of unrolled; scan + remat 'dots'
+    # 0.73-0.75x with 0.58x the peak memory (benchmarks/train_step.py --layer-loops).
+    layer_loop: LayerLoop = "scan"
+    remat: bool = True
+    remat_policy: RematPolicy = "dots"
     # The layer between nucleotide and token layers (mxdna_jax/tokenizers): 'learnt' (MxDNA),
     # 'kmer' (non-overlapping k-mers of kmer_size), 'kmer_overlap' (a k-mer of kmer_size at every
     # nucleotide, DNABERT-1), 'bpe' (units of a BPE segmentation passed as model(..., units=...),
@@ -96,7 +107,11 @@ class ModelConfig:
         if self.deformable_kernel_size != 3:
             raise ValueError("only deformable_kernel_size=3 is implemented (as in the official model)")
         tokenizers.check_name(self.tokenizer)
-        for name in ("experts", "deformable", "jitter"):
+        if self.layer_loop not in ("scan", "unrolled"):
+            raise ValueError(f"layer_loop must be 'scan' or 'unrolled', got {self.layer_loop!r}")
+        if self.remat_policy not in ("nothing", "dots"):
+            raise ValueError(f"remat_policy must be 'nothing' or 'dots', got {self.remat_policy!r}")
+        for name in ("experts", "deformable", "jitter", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.kmer_size, bool) or not isinstance(self.kmer_size, int) or self.kmer_size < 1:

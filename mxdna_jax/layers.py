@@ -143,3 +143,53 @@ class CrossDecoderLayer(nnx.Module):
         h = q_BLD + self.cross_attn(self.input_norm(q_BLD), self.input_norm(kv_BTD), rope_q, rope_k, key_mask_BT)
         keep = query_mask_BL[..., None].astype(h.dtype)
         return h + keep * self.ffn(self.post_attn_norm(h))
+
+
+# ----------------------------------------------------------------------------- a stack of identical layers
+
+LAYER_LOOPS = ("scan", "unrolled")
+# What a rematerialised layer keeps for its backward (ModelConfig.remat_policy); the rest is recomputed.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,  # the whole layer is recomputed: least memory
+    # q/k/v/o and FFN projections (dots without batch dims) kept; attention core, LN, RoPE, SiLU recomputed
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_layers(layers, h, *args, loop: str = "scan", remat: bool = False, remat_policy: str = "nothing",
+               collect: bool = False):
+    """`h` through `layers` (an nnx.List of one layer type) in order, each called as layer(h, *args).
+
+    Returns (the last output, the (N, *h.shape) stack of every layer's output when `collect`, else None).
+
+    loop='scan': one `lax.scan` over the layers' param states, stacked here, inside the call, so the
+    stored params stay per layer (checkpoints, convert.py names, sharding rules) and their gradients
+    come back per layer through the stack. XLA then compiles one layer body for the forward and one
+    for the backward, instead of N copies whose residual/LN gradient chains it fuses across layers.
+    Layers whose graphs differ (e.g. another attention implementation on one of them) run unrolled.
+    loop='unrolled': a Python loop (N copies of the layer in the program).
+    remat: recompute each layer in the backward, keeping what `remat_policy` names (REMAT_POLICIES).
+    """
+    if loop not in LAYER_LOOPS:
+        raise ValueError(f"layer loop {loop!r} not in {LAYER_LOOPS}")
+    policy = REMAT_POLICIES[remat_policy]
+    if not len(layers):
+        return h, None
+    splits = [nnx.split(layer) for layer in layers]
+    graphdef = splits[0][0]
+    if loop == "unrolled" or len(layers) == 1 or any(g != graphdef for g, _ in splits):
+        outs = []
+        for layer in layers:
+            h = (nnx.remat(layer, policy=policy) if remat else layer)(h, *args)
+            outs.append(h)
+        return h, jnp.stack(outs) if collect else None
+
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits))
+
+    def body(h, state):
+        h = nnx.merge(graphdef, state)(h, *args)
+        return h, h if collect else None
+
+    if remat:
+        body = jax.checkpoint(body, policy=policy)
+    return jax.lax.scan(body, h, stacked)

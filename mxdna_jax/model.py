@@ -2,7 +2,8 @@
 
 Shape letters (defined once here and in mxdna_jax/ops/__init__.py):
   B batch, L nucleotide length incl. [CLS]/[SEP] and padding, T token rows (L in 'original'
-  mode, the static capacity in 'compact' mode), D hidden, E experts, V vocabulary, C labels.
+  mode, the static capacity in 'compact' mode), D hidden, E experts, V vocabulary, C labels,
+  N layers of a stack (per-layer outputs).
 
 nucleotides -> embed -> nucleotide layers -> tokenizer -> token layers -> final LN.
 The tokenizer (`cfg.tokenizer`, built by mxdna_jax.tokenizers.build_tokenizer) is read only
@@ -21,7 +22,7 @@ from flax import nnx
 
 from mxdna_jax import vocab
 from mxdna_jax.config import ModelConfig
-from mxdna_jax.layers import CrossDecoderLayer, Dense, EncoderLayer, LayerNorm, param, trunc_normal
+from mxdna_jax.layers import CrossDecoderLayer, Dense, EncoderLayer, LayerNorm, param, run_layers, trunc_normal
 from mxdna_jax.ops import mae as mae_ops
 from mxdna_jax.ops.rope import rope_tables
 from mxdna_jax.tokenizers import build_tokenizer
@@ -109,12 +110,10 @@ class MxDNAModel(nnx.Module):
         """The nucleotide layers on embeddings `h_BLD`; `attention_mask_BL` int32."""
         B, L, _ = h_BLD.shape
         rope = self.nucleotide_rope(B, L)
-        outs = []
-        for layer in self.nucleotide_layers:
-            h_BLD = _maybe_remat(layer, self.cfg.remat)(h_BLD, rope, attention_mask_BL)
-            outs.append(h_BLD)
-        if sow is not None:
-            sow("nucleotide_layer_outputs", jnp.stack(outs))
+        h_BLD, outs_NBLD = _run_layers(self.nucleotide_layers, self.cfg, h_BLD, rope, attention_mask_BL,
+                                       collect=sow is not None)
+        if outs_NBLD is not None:
+            sow("nucleotide_layer_outputs", outs_NBLD)
         return NucleotideStageOutput(h_BLD, rope)
 
     def tokenizer_stage(self, h_BLD, attention_mask_BL, special_BL, *, jitter_BLD=None, capacity: int | None = None,
@@ -138,12 +137,9 @@ class MxDNAModel(nnx.Module):
         `sow` gets layout-independent names (the model prefixes them in compact mode)."""
         t = tok.hidden
         rope_T = rope_tables(tok.positions, self.cfg.head_dim, self.cfg.rope_theta)
-        outs = []
-        for layer in self.token_layers:
-            t = _maybe_remat(layer, self.cfg.remat)(t, rope_T, tok.mask)
-            outs.append(t)
-        if sow is not None and outs:
-            sow("token_layer_outputs", jnp.stack(outs))
+        t, outs_NBTD = _run_layers(self.token_layers, self.cfg, t, rope_T, tok.mask, collect=sow is not None)
+        if outs_NBTD is not None:
+            sow("token_layer_outputs", outs_NBTD)
         final = self.final_norm(t)
         if sow is not None:
             sow("final_hidden", final)
@@ -177,8 +173,10 @@ def _layout_prefix(capacity: int | None) -> str:
     return "" if capacity is None else "compact_"
 
 
-def _maybe_remat(layer, remat: bool):
-    return nnx.remat(layer) if remat else layer
+def _run_layers(layers, cfg: ModelConfig, h, *args, collect: bool = False):
+    """A stack of identical layers as the config says (layer_loop, remat, remat_policy; layers.run_layers)."""
+    return run_layers(layers, h, *args, loop=cfg.layer_loop, remat=cfg.remat, remat_policy=cfg.remat_policy,
+                      collect=collect)
 
 
 class LMHead(nnx.Module):
@@ -392,8 +390,7 @@ class MxDNAForMAE(nnx.Module):
                          jnp.zeros((), z.dtype))
         x = mae_ops.scatter_kept(jnp.broadcast_to(base, (B, T, D)), z, rows, mask_K)
         rope = rope_tables(tok.positions, self.cfg.head_dim, self.cfg.rope_theta)
-        for layer in self.decoder_layers:
-            x = _maybe_remat(layer, self.cfg.remat)(x, rope, tok.mask)
+        x, _ = _run_layers(self.decoder_layers, self.cfg, x, rope, tok.mask)
         logits = self.mae_head(self.decoder_norm(x)).astype(jnp.float32).reshape(B, T, *self.target_shape)
         return MAEOutput(logits, tok.positions, tok.mask, tok.center, masked, kept, enc, rows, mask_K,
                          tok.aux_loss, overflow)

@@ -25,6 +25,8 @@ RESUME_SAFE_FIELDS = frozenset({
     # how many token rows compact mode computes, not what: like the mesh, reduction order only
     "train.capacity_growth", "train.capacity_adaptive", "train.capacity_margin", "train.capacity_patience",
     "train.capacity_bucket_step", "train.capacity_min_remaining",
+    # how the layers run and what their backward keeps, not what they compute (same params)
+    "model.layer_loop", "model.remat", "model.remat_policy",
 })
 # Sections a pretraining run never reads (eval.py finetune's settings).
 RESUME_SAFE_SECTIONS = ("finetune",)
