@@ -5,6 +5,8 @@ XLA_FLAGS must be set before JAX creates a backend, so this runs at import time.
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 # XLA:CPU spends most of a test's time in LLVM; the tests' programs are small, so trade
 # run-time speed for compile speed (MXDNA_TEST_XLA_OPT=2 restores the default optimisation).
@@ -15,6 +17,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent XLA compilation cache for the whole session: the xdist workers inherit this
+# variable from the controller, and the train.py/eval.py subprocesses of the CLI tests get it
+# through test_train.env_for, so the many runs of one tiny config compile once (compiling, not
+# running, is most of their time). The cache key covers the program, flags and devices.
+CACHE_VAR = "MXDNA_TEST_COMPILE_CACHE"
+_OWN_CACHE = CACHE_VAR not in os.environ
+if _OWN_CACHE:
+    os.environ[CACHE_VAR] = tempfile.mkdtemp(prefix="mxdna-jax-test-compile-cache-")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -22,6 +33,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it removes it
+        shutil.rmtree(os.environ[CACHE_VAR], ignore_errors=True)
+
+
+def compile_cache_env() -> dict[str, str]:
+    """Environment variables that point a subprocess's JAX at the session's compilation cache."""
+    return {"JAX_COMPILATION_CACHE_DIR": os.environ[CACHE_VAR], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +71,7 @@ def jax_compile_cache(tmp_path_factory):
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_compile_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VAR])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     compilation_cache.reset_cache()  # jax decides once per process whether the cache is on

@@ -2,7 +2,6 @@
 silently wrong answer; relative paths mean what they say."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,13 +10,9 @@ import numpy as np
 import pytest
 
 from mxdna_jax import convert_cli, parity
+from test_train import env_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def env_for(devices=1):
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
 
 
 def run(args, cwd, timeout=300):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import compile_cache_env
 from mxdna_jax import optim, sharding, train_lib
 from mxdna_jax.config import ModelConfig
 from mxdna_jax.data.pipeline import PretrainData, PretrainDataConfig
@@ -71,7 +72,8 @@ def train_cmd(workdir, *extra):
 
 def env_for(devices=1, **extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+               **compile_cache_env())
     env.update(extra)
     return env
 
