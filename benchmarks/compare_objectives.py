@@ -50,6 +50,13 @@ def run_one(tokenizer, objective, seed, args, out: pathlib.Path, log) -> dict:
                        eval_every=args.steps, eval_batches=4)
         c.data.update(global_batch_size=args.batch, window=args.window)
         c.checkpoint.update(every_steps=args.steps, keep=1)
+    saved = wd / "config.json"
+    if saved.exists():  # a cached run made with other settings must not stand in for this one
+        got = json.loads(saved.read_text())
+        have = (got["train"]["steps"], got["data"]["global_batch_size"], got["data"]["window"])
+        if have != (args.steps, args.batch, args.window):
+            raise SystemExit(f"{wd} was pretrained with (steps, batch, window) = {have}, not "
+                             f"{(args.steps, args.batch, args.window)}: use another --out or delete it")
     try:
         done = params_io.latest_good_step(wd)[0] >= args.steps
     except Exception:  # noqa: BLE001 (no usable checkpoint yet)
