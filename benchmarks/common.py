@@ -310,14 +310,15 @@ def _layer_flops(rows: float, keys: float, D: int, F: int) -> dict[str, float]:
 
 
 def analytic_flops(cfg: ModelConfig, B: int, L: int, stats: dict[str, Any], *, mode: str,
-                   capacity: int | None, expert_tile: int = 128) -> dict[str, Any]:
+                   capacity: int | None, expert_tile: int = 128, counted: bool = False) -> dict[str, Any]:
     """Batch FLOPs of one MLM forward from the config and the measured NMS statistics.
 
     'model' = the algorithm's useful work: token layers, deformable conv and decoder keys at the
     measured token rows, experts per covered nucleotide (one conv tap each) and per unit.
     'executed' = what this implementation computes: token layers/deform/decoder keys at L rows
     ('original') or at the capacity ('compact'); experts over whole 128-row tiles and all k taps.
-    Both count the full L query rows of the nucleotide layers and the decoder.
+    Both count the full L query rows of the nucleotide layers and the decoder. `counted`: the
+    two-call inference path (mxdna_jax.staged), whose first call runs the router a second time.
     """
     D, F, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_experts
     ks = list(cfg.expert_kernel_sizes)
@@ -365,6 +366,9 @@ def analytic_flops(cfg: ModelConfig, B: int, L: int, stats: dict[str, Any], *, m
     ex_pre_conv = sum(math.ceil(c / t) * t * (4.0 * D * D + 2.0 * k * D * (D // g)) for k, g, c in zip(ks, gs, cov_e))
     ex_post = sum(math.ceil(u / t) * t * 2.0 * D * D for u in units_e)
     executed = build(ex_rows, ex_sq, ex_rows, ex_pre_conv + ex_post)
+    if counted:
+        executed["total"] += executed["router"]
+        executed["router"] *= 2
     per_nt = {k: v / rows for k, v in model.items()}
     return {"model": model, "executed": executed, "model_per_position": per_nt,
             "executed_per_position": {k: v / rows for k, v in executed.items()}}

@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from mxdna_jax import staged  # noqa: E402
 from mxdna_jax.capacity import CapacityPolicy  # noqa: E402
 from mxdna_jax.layers import set_attention_implementation  # noqa: E402
 from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
@@ -72,14 +73,48 @@ class Bench:
         return gd
 
 
+def _outputs(out) -> dict[str, jax.Array]:
+    bb = out.backbone
+    return {"logits": out.logits, "overflow": out.overflow, "token_mask": bb.token_mask,
+            "router_logits": bb.router_logits, "center": bb.center, "all": bb.all, "aux_loss": out.aux_loss}
+
+
 def forward_fn(graphdef, capacity):
+    """One jitted call at a capacity fixed before the batch is seen (`--capacity fixed`, original mode)."""
+
     def fwd(state, ids, am, sm):
-        out = nnx.merge(graphdef, state)(ids, am, sm, token_capacity=capacity)
-        bb = out.backbone
-        return {"logits": out.logits, "overflow": out.overflow, "token_mask": bb.token_mask,
-                "router_logits": bb.router_logits, "center": bb.center, "all": bb.all, "aux_loss": out.aux_loss}
+        return _outputs(nnx.merge(graphdef, state)(ids, am, sm, token_capacity=capacity))
 
     return fwd
+
+
+def counted_forward(graphdef, policy: CapacityPolicy, state, ids, am, sm):
+    """The inference path of a compact model (`--capacity counted`, mxdna_jax.staged): jit 1 runs the
+    nucleotide layers and reads the batch's token count, the host picks `policy.bucket_for(count)`,
+    jit 2 runs the tokenizer's token rows, the token layers and the head at that capacity.
+    Returns (call, its compiled executables, compile times, the capacity); `call` is what is timed,
+    host read of the count included."""
+
+    def pre(state, ids, am, sm):
+        return staged.prefix(nnx.merge(graphdef, state), ids, am, sm)
+
+    pre_c, ct1 = common.compile_jitted(pre, state, ids, am, sm)
+    p, count = pre_c(state, ids, am, sm)
+    capacity = policy.bucket_for(int(count))
+
+    def fin(state, p):
+        return _outputs(staged.finish(nnx.merge(graphdef, state), p, token_capacity=capacity))
+
+    fin_c, ct2 = common.compile_jitted(fin, state, p)
+
+    def call(state, ids, am, sm):
+        p, count = pre_c(state, ids, am, sm)
+        if policy.bucket_for(int(count)) != capacity:  # the same batch every call: cannot happen
+            raise RuntimeError("the batch's token count changed between calls")
+        return fin_c(state, p)
+
+    compile_s = {k: ct1[k] + ct2[k] for k in ct1}
+    return call, (pre_c, fin_c), compile_s, capacity
 
 
 def stage_fns(graphdef, capacity):
@@ -156,32 +191,49 @@ def bench_one(bench: Bench, cfg, L: int, batch_np, args, log) -> dict[str, Any]:
     state = bench.state
     rec: dict[str, Any] = {"L": L, "batch": B, "mode": cfg.mode, "dtype": cfg.dtype, "layer_loop": cfg.layer_loop,
                            "attention": bench.attention or "default", "loadavg_before": list(os.getloadavg())}
-    capacity = CapacityPolicy.for_model(cfg, L, fraction=args.capacity_fraction).initial
+    counted = cfg.mode == "compact" and args.capacity == "counted"
+    policy = CapacityPolicy.for_model(cfg, L, fraction=args.capacity_fraction, adaptive=counted)
     retries = []
-    while True:
-        compiled, ct = common.compile_jitted(forward_fn(gd, capacity), state, ids, am, sm)
+    if counted:
+        compiled, executables, ct, capacity = counted_forward(gd, policy, state, ids, am, sm)
         first_t0 = time.perf_counter()
         out = common.block(compiled(state, ids, am, sm))
         first_s = time.perf_counter() - first_t0
-        if not bool(out["overflow"]):
-            break
-        # capacity exceeded for this batch: grow to the batch's token count (from the NMS centres,
-        # which are complete even when the compacted rows are not), rounded up to 64, and retry
-        need = int(np.asarray(unit_token_mask(out["center"], am, sm)).sum(1).max())
-        new = min(L, max(capacity + 64, -(-need // 64) * 64))
-        retries.append({"capacity": capacity, "tokens_needed": need, "compile": ct})
-        log(f"    overflow at capacity {capacity} (batch needs {need}); retrying with {new}")
-        capacity = new
-    rec.update(capacity=capacity, capacity_retries=retries, compile=ct, first_call_s=first_s,
-               xla_cost=common.xla_cost(compiled), cudnn_attention_calls=common.cudnn_attention_calls(compiled))
+    else:
+        capacity = policy.initial
+        while True:
+            compiled, ct = common.compile_jitted(forward_fn(gd, capacity), state, ids, am, sm)
+            executables = (compiled,)
+            first_t0 = time.perf_counter()
+            out = common.block(compiled(state, ids, am, sm))
+            first_s = time.perf_counter() - first_t0
+            if not bool(out["overflow"]):
+                break
+            # capacity exceeded for this batch: grow to the batch's token count (from the NMS centres,
+            # which are complete even when the compacted rows are not), rounded up to 64, and retry
+            need = int(np.asarray(unit_token_mask(out["center"], am, sm)).sum(1).max())
+            new = min(L, max(capacity + 64, -(-need // 64) * 64))
+            retries.append({"capacity": capacity, "tokens_needed": need, "compile": ct})
+            log(f"    overflow at capacity {capacity} (batch needs {need}); retrying with {new}")
+            capacity = new
+    if bool(out["overflow"]):
+        raise RuntimeError(f"overflow at capacity {capacity}")
+    costs = [common.xla_cost(c) for c in executables]
+    xla = {k: (sum(c[k] for c in costs) if all(c[k] is not None for c in costs) else None) for k in costs[0]}
+    calls = [common.cudnn_attention_calls(c) for c in executables]
+    rec.update(capacity=capacity, capacity_policy="counted" if counted else ("fixed" if capacity else "none"),
+               capacity_retries=retries, compile=ct, first_call_s=first_s, xla_cost=xla,
+               cudnn_attention_calls=None if None in calls else sum(calls))
     stats = common.unit_stats(out["center"], out["all"], out["token_mask"], cfg)
     rec["overflow"] = bool(out["overflow"])
     rec["tokens"] = stats
     if stats["mean_unit_length"] < 1.5:
         log(f"    WARNING: mean unit length {stats['mean_unit_length']:.2f}: this random draw makes (almost) every "
             "nucleotide a unit; compact mode cannot save anything")
-    flops = common.analytic_flops(cfg, B, L, stats, mode=cfg.mode, capacity=capacity)
+    flops = common.analytic_flops(cfg, B, L, stats, mode=cfg.mode, capacity=capacity, counted=counted)
     rec["flops"] = flops
+    rec["capacity_over_real"] = capacity / stats["max_tokens_per_seq"] if capacity else None
+    rec["capacity_over_mean"] = capacity / stats["mean_tokens_per_seq"] if capacity else None
     mf, ef = flops["model"]["total"], flops["executed"]["total"]
 
     # forward calls alternated with a same-dtype peak matmul (machine load hits both alike)
@@ -351,8 +403,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--config", default="base", choices=["base", "tiny"])
+    p.add_argument("--capacity", default="counted", choices=["counted", "fixed"],
+                   help="compact mode: 'counted' = the inference path (mxdna_jax.staged: count the batch's "
+                        "tokens, then run the token layers at the policy's smallest rung holding them); "
+                        "'fixed' = one call at the config's capacity fraction")
     p.add_argument("--capacity-fraction", type=float, default=None,
-                   help="compact capacity / L (default: the config's token_capacity_fraction)")
+                   help="--capacity fixed: compact capacity / L (default: the config's token_capacity_fraction)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the forward's stages jitted separately")
     p.add_argument("--breakdown-repeats", type=int, default=3)

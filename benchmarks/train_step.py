@@ -59,8 +59,13 @@ def parse_variant(v: str) -> dict:
     return dict(layer_loop=loop, remat=bool(policy), **({"remat_policy": policy} if policy else {}))
 
 
-def prepare(name, L, B, mode, dtype, log, fasta=common.DEFAULT_FASTA, attention=None, variant=None):
-    """Everything up to a compiled, warmed-up step: a dict `run` with run['step']() doing one timed step."""
+def prepare(name, L, B, mode, dtype, log, fasta=common.DEFAULT_FASTA, attention=None, variant=None,
+            capacity_mode="tracked"):
+    """Everything up to a compiled, warmed-up step: a dict `run` with run['step']() doing one timed step.
+
+    Compact capacity (`capacity_mode`): 'tracked' = where a training run's CapacityTracker (the
+    default train.capacity_* fields) settles for batches like this one: the smallest rung holding
+    (1 + margin) x the batch's longest sequence; 'fixed' = the config's 0.5 x L."""
     overrides = parse_variant(variant) if variant else {}
     cfg = common.model_config(name, mode=mode, dtype=dtype, max_position_embeddings=max(L, 512), **overrides)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -74,9 +79,12 @@ def prepare(name, L, B, mode, dtype, log, fasta=common.DEFAULT_FASTA, attention=
     graphdef, state, sh = train_lib.init_train_state(ctor, tx, mesh, seed=0)
     step = train_lib.make_train_step(mlm_loss_fn, tx, graphdef, sh, mesh, compute_dtype=dtype, schedule=sched)
     batch = sharding.host_batch_to_global(make_batch(L, B, fasta=fasta), mesh)
-    capacity = CapacityPolicy.for_model(cfg, L).initial
-    stats = token_stats(cfg, graphdef, state, batch, capacity)
-    if capacity is not None and max(stats["tokens_per_seq"]) > capacity:
+    policy = CapacityPolicy.for_model(cfg, L, adaptive=capacity_mode == "tracked")
+    stats = token_stats(cfg, graphdef, state, batch, L if policy.enabled else None)  # L rows hold every token
+    capacity = policy.initial
+    if policy.enabled and capacity_mode == "tracked":
+        capacity = policy.tracker().target(stats["max_tokens_per_seq"])
+    elif capacity is not None and stats["max_tokens_per_seq"] > capacity:
         capacity = L
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
@@ -93,7 +101,8 @@ def prepare(name, L, B, mode, dtype, log, fasta=common.DEFAULT_FASTA, attention=
         except Exception as e:  # noqa: BLE001 - not every backend reports it
             log(f"  memory analysis unavailable: {e}")
     run = dict(cfg=cfg, name=name, L=L, B=B, mode=mode, dtype=dtype, attention=attention, variant=variant,
-               capacity=capacity, stats=stats, compile_s=compile_s, cudnn_calls=cudnn_calls, mem=mem)
+               capacity=capacity, capacity_mode=capacity_mode if policy.enabled else "none", stats=stats,
+               compile_s=compile_s, cudnn_calls=cudnn_calls, mem=mem)
 
     def one():
         t0 = time.perf_counter()
@@ -117,7 +126,9 @@ def finish(run, times, peaks, log):
     row = dict(config=run["name"], L=L, batch=B, mode=mode, dtype=run["dtype"],
                attention=run["attention"] or "default", layer_loop=cfg.layer_loop,
                remat=cfg.remat_policy if cfg.remat else "off", capacity=capacity or L,
-               tokens_per_seq=float(np.mean(run["stats"]["tokens_per_seq"])), compile_s=run["compile_s"],
+               capacity_policy=run["capacity_mode"], tokens_per_seq=float(np.mean(run["stats"]["tokens_per_seq"])),
+               max_tokens_per_seq=run["stats"]["max_tokens_per_seq"],
+               capacity_over_real=(capacity or L) / run["stats"]["max_tokens_per_seq"], compile_s=run["compile_s"],
                first_step_s=run["first_step_s"], step_s=med, step_times_s=times, nt_per_s=B * L / med,
                model_gflop_per_step=step_flops / 1e9, model_gflops=step_flops / med / 1e9, peak_gflops=peak,
                mfu=step_flops / med / 1e9 / peak,
@@ -131,10 +142,11 @@ def finish(run, times, peaks, log):
 
 
 def bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
-                variants=(None,)):
+                variants=(None,), capacity_mode="tracked"):
     """One row per variant; their timed steps alternate (variant a, b, a, b, ...), each followed by
     one peak matmul, so the ratios between variants see the same machine load."""
-    runs = [prepare(name, L, B, mode, dtype, log, fasta=fasta, attention=attention, variant=v) for v in variants]
+    runs = [prepare(name, L, B, mode, dtype, log, fasta=fasta, attention=attention, variant=v,
+                    capacity_mode=capacity_mode) for v in variants]
     times, peaks = [[] for _ in runs], [[] for _ in runs]
     for _ in range(repeats):
         for i, run in enumerate(runs):
@@ -143,8 +155,10 @@ def bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFA
     return [finish(run, t, p, log) for run, t, p in zip(runs, times, peaks)]
 
 
-def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None):
-    return bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=fasta, attention=attention)[0]
+def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
+              capacity_mode="tracked"):
+    return bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=fasta, attention=attention,
+                       capacity_mode=capacity_mode)[0]
 
 
 def render(result):
@@ -153,11 +167,15 @@ def render(result):
              f"{result['machine'].get('cpu_count')} CPUs\n",
              "Real human chr20 windows, DNABERT masking, MLM + 0.01 aux loss, AdamW; batch "
              f"{rows[0]['batch'] if rows else '?'}; nt/s counts B x L positions. MFU = 3 x forward model FLOPs / "
-             "step time / same-dtype 4096^3 matmul rate timed after each step.\n"]
-    headers = ["config", "L", "mode", "dtype", "layers", "remat", "capacity", "tokens/seq", "compile s", "step s",
+             "step time / same-dtype 4096^3 matmul rate timed after each step (model FLOPs: the useful work at the "
+             "measured token count, whatever the capacity). Compact capacity: 'tracked' = the rung a training run's "
+             "capacity tracker settles at for this batch (>= 1.05 x its longest sequence's token rows, shown in "
+             "brackets), 'fixed' = 0.5 x L.\n"]
+    headers = ["config", "L", "mode", "dtype", "layers", "remat", "capacity", "tokens/seq (max)", "compile s", "step s",
                "nt/s", "model GFLOP/s", "matmul GFLOP/s", "MFU", "MFU paired", "peak MiB"]
     body = [[r["config"], r["L"], r["mode"], r["dtype"], r.get("layer_loop", "unrolled"), r.get("remat", "off"),
-             r["capacity"], common.fmt(r["tokens_per_seq"]),
+             f"{r['capacity']} ({r.get('capacity_policy', 'fixed')})",
+             f"{common.fmt(r['tokens_per_seq'])} ({r.get('max_tokens_per_seq', '-')})",
              common.fmt(r["compile_s"]), common.fmt(r["step_s"]), f"{r['nt_per_s']:,.0f}",
              common.fmt(r["model_gflops"]), common.fmt(r["peak_gflops"]), f"{r['mfu']:.0%}",
              f"{r['mfu_paired']:.0%}" if "mfu_paired" in r else "-",
@@ -181,10 +199,11 @@ def render(result):
                 ratios.append(f"- {r['config']} L={r['L']} {r['dtype']}: compact / original = "
                               f"{r['nt_per_s'] / o['nt_per_s']:.2f}x")
         if r["dtype"] == "bfloat16":
-            f = next((x for x in rows if x["dtype"] == "float32" and x["config"] == r["config"]
-                      and x["L"] == r["L"] and x["mode"] == r["mode"]), None)
+            f = next((x for x in rows if x["dtype"] == "float32" and all(
+                x.get(k) == r.get(k) for k in ("config", "L", "mode", "layer_loop", "remat"))), None)
             if f:
-                ratios.append(f"- {r['config']} L={r['L']} {r['mode']}: bf16 / fp32 = {r['nt_per_s'] / f['nt_per_s']:.2f}x")
+                ratios.append(f"- {r['config']} L={r['L']} {r['mode']} {r.get('layer_loop')} (remat {r.get('remat')}): "
+                              f"bf16 / fp32 = {r['nt_per_s'] / f['nt_per_s']:.2f}x")
     if ratios:
         lines.append("\n## Ratios (same run)\n\n" + "\n".join(ratios))
     return "\n".join(lines) + "\n"
@@ -206,6 +225,9 @@ def main(argv=None):
     p.add_argument("--layer-loops", nargs="+", default=None, metavar="LOOP[:REMAT_POLICY]",
                    help="variants timed alternately in this process: 'scan', 'unrolled', 'scan:dots' (remat, "
                         "ModelConfig.remat_policy after the colon); default: the config's own")
+    p.add_argument("--capacity", default="tracked", choices=["tracked", "fixed"],
+                   help="compact capacity: 'tracked' = the rung a training run's CapacityTracker settles at for "
+                        "this batch (margin 0.05 over its longest sequence); 'fixed' = 0.5 x L")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     p.add_argument("--name", default=None, help="output file stem (default: train_step, or train_step_quick)")
     a = p.parse_args(argv)
@@ -220,7 +242,8 @@ def main(argv=None):
             for mode in a.modes:
                 for dtype in a.dtypes:
                     rows += bench_group(name, L, a.batch, mode, dtype, a.repeats, probes, log, fasta=a.fasta,
-                                        attention=attention, variants=a.layer_loops or (None,))
+                                        attention=attention, variants=a.layer_loops or (None,),
+                                        capacity_mode=a.capacity)
     result = {"machine": common.machine_info(), "args": vars(a), "rows": rows}
     out = pathlib.Path(a.out)
     stem = a.name or ("train_step_quick" if a.quick else "train_step")

@@ -48,15 +48,17 @@ class ModelConfig:
     token_capacity_fraction: float = 0.5
     dtype: str = "float32"  # compute dtype; params stay param_dtype
     param_dtype: str = "float32"
-    # How a stack of identical layers (nucleotide, token, MAE decoder) runs: 'scan' (one lax.scan
-    # over the per-layer params, stacked inside the call: one compiled layer body forward and
-    # backward) or 'unrolled' (a Python loop: N copies). Same params, same numbers to rounding.
-    # Rematerialise each layer in the backward (remat), keeping what remat_policy names: 'dots'
-    # (the projection and FFN matmul outputs; attention core and elementwise ops recomputed) or
-    # 'nothing' (the whole layer recomputed: least memory). Defaults from the fp32 base train step
-    # at 4 x 512 on CPU (issue 10): scan 0.83x the step time of unrolled; scan + remat 'dots'
-    # 0.73-0.75x with 0.58x the peak memory (benchmarks/train_step.py --layer-loops).
-    layer_loop: LayerLoop = "scan"
+    # How a stack of identical layers (nucleotide, token, MAE decoder) runs: 'unrolled' (a Python
+    # loop: N copies) or 'scan' (one lax.scan over the per-layer params, stacked inside the call:
+    # one compiled layer body forward and backward, for deep stacks on accelerators). Same params,
+    # same numbers to rounding. Rematerialise each layer in the backward (remat), keeping what
+    # remat_policy names: 'dots' (the projection and FFN matmul outputs; attention core and
+    # elementwise ops recomputed) or 'nothing' (the whole layer recomputed: least memory).
+    # Defaults from the base train step at 4 x 512 on CPU (issue 10, benchmarks/train_step.py
+    # --layer-loops): remat 'dots' 0.69x the step time of no remat with 0.7x the peak memory;
+    # scan costs 7-25% more than unrolled there (stacking the params and their gradients each
+    # step) and compiles no faster for these 4 + 16 layers.
+    layer_loop: LayerLoop = "unrolled"
     remat: bool = True
     remat_policy: RematPolicy = "dots"
     # The layer between nucleotide and token layers (mxdna_jax/tokenizers): 'learnt' (MxDNA),

@@ -60,22 +60,21 @@ def shared_path(*parts):
 
 
 @pytest.fixture(scope="module")
-def jax_compile_cache(tmp_path_factory):
-    """A persistent compilation cache for one test module, shared across modules of the session.
+def jax_compile_cache():
+    """The session's persistent compilation cache (compile_cache_env) turned on in this process for
+    one test module.
 
     Tests that rebuild identical jitted steps (fresh closures, same HLO) then compile once; XLA on
     CPU takes seconds per train step. Restores the previous settings afterwards.
     """
     from jax.experimental.compilation_cache import compilation_cache
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VAR])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # the same settings a subprocess gets through its environment: JAX_FOO_BAR -> jax_foo_bar
+    settings = {k.lower(): v for k, v in compile_cache_env().items()}
+    old = {n: getattr(jax.config, n) for n in settings}
+    for n, v in settings.items():
+        jax.config.update(n, type(old[n])(v) if old[n] is not None else v)
     compilation_cache.reset_cache()  # jax decides once per process whether the cache is on
     yield
     for n, v in old.items():
         jax.config.update(n, v)
-    compilation_cache.reset_cache()

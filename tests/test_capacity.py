@@ -2,8 +2,10 @@
 counts, inference at the bucket of the counted tokens (equal to a large capacity on real
 windows), and retries / utilisation in metrics.jsonl with an exact resume."""
 
+import importlib.util
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -218,15 +220,25 @@ def test_embed_runs_at_the_counted_bucket():
 # ------------------------------------------------------------------ the train loop
 
 
+def _benchmark_module(name):
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _counting_loss(model, batch, rng, *, token_capacity):
     loss, m = toy.toy_loss_fn(model, batch, rng, token_capacity=token_capacity)
     units = batch["units"]
     return loss, dict(m, max_tokens=units.max(), mean_tokens=units.mean().astype(jnp.float32))
 
 
+_TOY_POLICY = CapacityPolicy(4, 12, adaptive=True, patience=2, bucket_multiple=1, min_remaining=0)
+
+
 def _run(workdir, **kw):
     """The toy training loop with an adaptive policy whose loss reports token counts."""
-    policy = CapacityPolicy(4, 12, adaptive=True, patience=2, bucket_multiple=1, min_remaining=0)
+    policy = _TOY_POLICY
     units = {1: 6, 2: 3, 3: 3, 4: 3, 5: 3}
 
     def train_iter(shard_index, num_shards, start_step, data_state):
@@ -257,6 +269,17 @@ def test_retries_and_utilisation_in_metrics_and_exact_resume(tmp_path):
     # close enough (Rungs); two steps of 3 units (patience 2): back to 4, compiled at step 1
     assert [(e["step"], e["old"], e["new"]) for e in events if e["event"] == "capacity_changed"] == [
         (1, 4, 5), (4, 8, 4)]
+
+    # benchmarks/capacity_replay.py reads the log back, and its replay of the policy on the logged
+    # counts takes the run's capacities and retries (what it reports for other settings rests on this)
+    replay = _benchmark_module("capacity_replay")
+    run = replay.run_summary(replay.read_steps(tmp_path / "a"), fixed=6)
+    assert (run["retries"], run["capacities"], run["counts"]) == (1, [4, 8, 8, 8, 4, 4], [4, 6, 3, 3, 3, 3])
+    assert run["capacity_over_needed"] == pytest.approx(36 / 22)
+    assert run["rows_run_over_needed"] == pytest.approx((36 + 5) / 22)  # + the overflowed attempt at 5
+    again = replay.replay_training(_TOY_POLICY, run["counts"])
+    assert (again["retries"], again["capacities"]) == (1, run["capacities"])
+    assert again["rows_run_over_needed"] == pytest.approx((36 + 5) / 22)  # + the overflowed attempt at 5
 
     # killed while reading batch 4 (step 3 checkpointed): the resumed run takes the same capacities
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -80,11 +80,11 @@ def test_forward_exports(dtype, mesh):
             assert_accelerator_clean(exp, platform)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_train_step_exports(dtype, mesh):
+@pytest.mark.parametrize("dtype,loop", [("float32", "unrolled"), ("bfloat16", "scan")])
+def test_train_step_exports(dtype, loop, mesh):
     tx, sched = optim.make_optimizer(dict(lr=1e-3, warmup_steps=1, steps=10, min_lr_ratio=0.1, weight_decay=0.01,
                                           b1=0.9, b2=0.98, grad_clip=1.0))
-    ctor = lambda: MxDNAForMaskedLM(CFG, rngs=nnx.Rngs(params=0))
+    ctor = lambda: MxDNAForMaskedLM(CFG.replace(layer_loop=loop), rngs=nnx.Rngs(params=0))
     graphdef, abstract = train_lib.abstract_train_state(ctor, tx)
     shardings = train_lib.state_shardings(abstract, tx, mesh)
     step = train_lib.make_train_step(mlm_loss_fn, tx, graphdef, shardings, mesh, compute_dtype=dtype,

@@ -16,7 +16,7 @@ from mxdna_jax.model import MxDNAForMAE, MxDNAForMaskedLM
 
 SEQS = ["ACGTTGCAAGGCTTAGCAATCGATCGGATCCATGCAAATTTGCGCG", "TTGACGGCTAGCTAGGATCGATCG", "GATTACA"]
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_nucleotide_layers=2,
-            num_token_layers=3, max_position_embeddings=64)
+            num_token_layers=3, max_position_embeddings=64, layer_loop="scan")
 
 
 def make(cls=MxDNAForMaskedLM, **kw):
