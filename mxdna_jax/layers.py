@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mxdna_jax.ops import attention as attention_ops
+from mxdna_jax.ops import mlp as mlp_ops
 from mxdna_jax.ops.experts import layer_norm
 from mxdna_jax.ops.rope import apply_rope
 
@@ -37,16 +38,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        # One 2-D (rows, d_in) @ (d_in, d_out) matmul whatever the leading dims: on (B, T, d_in)
-        # XLA:CPU lays the backward's weight-gradient operand out transposed and spends a slow
-        # copy fusion on it (~25% of a base train step); the flat form has the same numbers.
-        lead = x.shape[:-1]
-        w = self.kernel[...]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), w.astype(self.dtype),
-                    preferred_element_type=self.dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)[None, :]
-        return y.reshape(*lead, w.shape[1]).astype(self.dtype)
+        return mlp_ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...], self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -101,7 +93,7 @@ def set_attention_implementation(module: nnx.Module, implementation: str | None)
 
 
 class SwiGLU(nnx.Module):
-    """w2(silu(w1 x) * w3 x)."""
+    """w2(silu(w1 x) * w3 x), bias-free (mxdna_jax.ops.mlp.swiglu: chunked along the sequence on CPU)."""
 
     def __init__(self, cfg, *, rngs, dtype, param_dtype):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -111,7 +103,7 @@ class SwiGLU(nnx.Module):
         self.w2 = Dense(f, d, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+        return mlp_ops.swiglu(x, self.w1.kernel[...], self.w3.kernel[...], self.w2.kernel[...], self.w1.dtype)
 
 
 class EncoderLayer(nnx.Module):

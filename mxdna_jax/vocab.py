@@ -71,7 +71,8 @@ def encode(seq: str | bytes, *, max_length: int | None = None) -> np.ndarray:
         raise ValueError("empty sequence: MxDNA needs at least one nucleotide between [CLS] and [SEP]")
     if max_length is not None and len(seq) + 2 > max_length:
         raise ValueError(
-            f"sequence of {len(seq)} nt is too long: {len(seq) + 2} tokens with [CLS]/[SEP] exceed max_length={max_length}"
+            f"sequence of {len(seq)} nt is too long: {len(seq) + 2} tokens with [CLS]/[SEP] "
+            f"exceed max_length={max_length}"
         )
     ids = nucleotides_to_ids(seq)
     return np.concatenate([[CLS], ids, [SEP]]).astype(np.int32)
