@@ -148,6 +148,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, graphdef,
         weight = jnp.asarray(metrics.get("loss_weight", 1.0), jnp.float32)
         return loss, metrics, grads, weight
 
+    def _apply_update(grads, params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def _skip_update(grads, params, opt_state):
+        return params, opt_state
+
     def train_step(state: TrainState, batch, token_capacity):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if k == 1:
@@ -179,11 +186,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, graphdef,
         overflow = jnp.asarray(metrics.get("overflow", False), jnp.bool_)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         ok = finite & ~overflow
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = state.replace(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
-                                  opt_state=keep(opt_state, state.opt_state))
+        # The update runs under a cond, not as a select between the updated and the old state: a
+        # select keeps the old values alive while the donated buffers take the new ones, so XLA
+        # copies every param and optimizer moment first (base config, 4 x 512 nt, fp32, 2 AMD EPYC
+        # cores, steps interleaved: 4.09 s with the select, 3.48 s with the cond; 2.67 -> 2.27 GiB).
+        params, opt_state = jax.lax.cond(ok, _apply_update, _skip_update, grads, state.params, state.opt_state)
+        new_state = state.replace(step=state.step + ok.astype(jnp.int32), params=params, opt_state=opt_state)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, overflow=overflow, finite=finite,
                        applied=ok)
         if schedule is not None:
