@@ -420,7 +420,7 @@ def parse_args(argv=None):
     p.add_argument("--fasta", default=common.DEFAULT_FASTA)
     p.add_argument("--attention", default="default", choices=["default", "xla", "cudnn", "reference"],
                    help="attention implementation (mxdna_jax/ops/attention.py; default: chosen per platform)")
-    p.add_argument("--layer-loops", nargs="+", default=None, choices=["scan", "unrolled"],
+    p.add_argument("--layer-loops", nargs="+", default=None, choices=["auto", "scan", "unrolled"],
                    help="ModelConfig.layer_loop variants, each timed in this process (default: the config's)")
     p.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="output file stem (default: forward, or forward_quick)")

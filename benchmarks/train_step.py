@@ -53,7 +53,7 @@ def token_stats(cfg, graphdef, state, batch, capacity):
 
 
 # --layer-loops: how the identical layers run (ModelConfig.layer_loop), optionally with remat and its
-# policy after a colon: 'scan', 'unrolled', 'scan:dots' (remat, matmul outputs kept), 'scan:nothing'.
+# policy after a colon: 'auto', 'scan', 'unrolled', 'scan:dots' (remat, matmul outputs kept), 'scan:nothing'.
 def parse_variant(v: str) -> dict:
     loop, _, policy = v.partition(":")
     return dict(layer_loop=loop, remat=bool(policy), **({"remat_policy": policy} if policy else {}))

@@ -16,7 +16,7 @@ from mxdna_jax import tokenizers, vocab
 Mode = Literal["original", "compact"]
 ClsPool = Literal["cls", "mean"]
 MaeTarget = Literal["nucleotides", "kmer"]
-LayerLoop = Literal["scan", "unrolled"]
+LayerLoop = Literal["auto", "scan", "unrolled"]
 RematPolicy = Literal["nothing", "dots"]
 
 
@@ -49,16 +49,17 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params stay param_dtype
     param_dtype: str = "float32"
     # How a stack of identical layers (nucleotide, token, MAE decoder) runs: 'unrolled' (a Python
-    # loop: N copies) or 'scan' (one lax.scan over the per-layer params, stacked inside the call:
-    # one compiled layer body forward and backward, for deep stacks on accelerators). Same params,
-    # same numbers to rounding. Rematerialise each layer in the backward (remat), keeping what
+    # loop: N copies), 'scan' (one lax.scan over the per-layer params, stacked inside the call:
+    # one compiled layer body forward and backward, for deep stacks on accelerators) or 'auto'
+    # (scan in a forward-only program, unrolled under a gradient: the faster of the two in each,
+    # measured on CPU; layers.run_layers). Same params, same numbers to rounding. Rematerialise each layer in the backward (remat), keeping what
     # remat_policy names: 'dots' (the projection and FFN matmul outputs; attention core and
     # elementwise ops recomputed) or 'nothing' (the whole layer recomputed: least memory).
     # Defaults from the base train step at 4 x 512 on CPU (issue 10, benchmarks/train_step.py
     # --layer-loops): remat 'dots' 0.69x the step time of no remat with 0.7x the peak memory;
-    # scan costs 7-25% more than unrolled there (stacking the params and their gradients each
-    # step) and compiles no faster for these 4 + 16 layers.
-    layer_loop: LayerLoop = "unrolled"
+    # scan costs 7-30% more than unrolled there (stacking the params and their gradients each
+    # step), while the forward alone (4 x 1,024 nt) is ~18% faster scanned: hence 'auto'.
+    layer_loop: LayerLoop = "auto"
     remat: bool = True
     remat_policy: RematPolicy = "dots"
     # The layer between nucleotide and token layers (mxdna_jax/tokenizers): 'learnt' (MxDNA),
@@ -109,8 +110,8 @@ class ModelConfig:
         if self.deformable_kernel_size != 3:
             raise ValueError("only deformable_kernel_size=3 is implemented (as in the official model)")
         tokenizers.check_name(self.tokenizer)
-        if self.layer_loop not in ("scan", "unrolled"):
-            raise ValueError(f"layer_loop must be 'scan' or 'unrolled', got {self.layer_loop!r}")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
         if self.remat_policy not in ("nothing", "dots"):
             raise ValueError(f"remat_policy must be 'nothing' or 'dots', got {self.remat_policy!r}")
         for name in ("experts", "deformable", "jitter", "remat"):

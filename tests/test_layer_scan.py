@@ -1,5 +1,6 @@
 """Layer stacks as one lax.scan (ModelConfig.layer_loop='scan') == the unrolled loop: forward,
-captured per-layer outputs, per-layer gradients (with and without remat), the stored param layout."""
+captured per-layer outputs, per-layer gradients (with and without remat), the stored param layout;
+and 'auto' (scan without a gradient, unrolled under one) == both."""
 
 import collections
 
@@ -73,9 +74,10 @@ def unrolled_grads():
     return grads(make(layer_loop="unrolled", remat=False, tokenizer="kmer", kmer_size=3), *batch())
 
 
-@pytest.mark.parametrize("remat,policy", [(False, "nothing"), (True, "nothing"), (True, "dots")])
-def test_gradients_equal_per_layer(remat, policy, unrolled_grads):
-    gs = grads(make(remat=remat, remat_policy=policy, tokenizer="kmer", kmer_size=3), *batch())
+@pytest.mark.parametrize("loop,remat,policy", [("scan", False, "nothing"), ("scan", True, "nothing"),
+                                               ("scan", True, "dots"), ("auto", True, "dots")])
+def test_gradients_equal_per_layer(loop, remat, policy, unrolled_grads):
+    gs = grads(make(layer_loop=loop, remat=remat, remat_policy=policy, tokenizer="kmer", kmer_size=3), *batch())
     gu = unrolled_grads
     assert jax.tree.structure(gs) == jax.tree.structure(gu)
     for i in range(3):  # every token layer gets its own, non-zero gradient
@@ -95,6 +97,39 @@ def test_program_has_one_scan_per_stack():
 
     # the stacks add one scan each (nucleotide: 2 layers, token: 3) to those the tokenizer has
     assert scans(make()) - scans(make(layer_loop="unrolled")) == collections.Counter([2, 3])
+
+
+def scan_lengths(jaxpr) -> collections.Counter:
+    """Lengths of every scan in a jaxpr, nested ones (custom_vjp, remat, cond bodies) included."""
+    out = collections.Counter()
+    for e in jaxpr.eqns:
+        if e.primitive.name == "scan":
+            out[e.params["length"]] += 1
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    out += scan_lengths(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    out += scan_lengths(sub)
+    return out
+
+
+def test_auto_scans_the_forward_and_unrolls_the_gradient():
+    ids, am = batch()
+    kw = dict(tokenizer="kmer", kmer_size=3)
+    auto, unrolled = make(layer_loop="auto", **kw), make(layer_loop="unrolled", **kw)
+
+    def fwd(m):
+        return jax.make_jaxpr(lambda s: nnx.merge(nnx.graphdef(m), s)(ids, am).logits)(nnx.state(m)).jaxpr
+
+    def grad(m):
+        loss = lambda s: jnp.mean(nnx.merge(nnx.graphdef(m), s)(ids, am).logits ** 2)  # noqa: E731
+        return jax.make_jaxpr(jax.grad(loss))(nnx.state(m)).jaxpr
+
+    assert scan_lengths(fwd(auto)) - scan_lengths(fwd(unrolled)) == collections.Counter([2, 3])
+    assert scan_lengths(grad(auto)) == scan_lengths(grad(unrolled))  # no layer scan under the gradient
+    (la, ca), (lu, cu) = forward(auto, ids, am), forward(unrolled, ids, am)
+    assert max_abs_diff(la, lu) <= 1e-6 and max_abs_diff(ca, cu) <= 1e-6
 
 
 def test_layers_that_differ_run_unrolled():
