@@ -52,13 +52,14 @@ class ModelConfig:
     # loop: N copies), 'scan' (one lax.scan over the per-layer params, stacked inside the call:
     # one compiled layer body forward and backward, for deep stacks on accelerators) or 'auto'
     # (scan in a forward-only program, unrolled under a gradient: the faster of the two in each,
-    # measured on CPU; layers.run_layers). Same params, same numbers to rounding. Rematerialise each layer in the backward (remat), keeping what
-    # remat_policy names: 'dots' (the projection and FFN matmul outputs; attention core and
-    # elementwise ops recomputed) or 'nothing' (the whole layer recomputed: least memory).
+    # measured on CPU; layers.run_layers). Same params, same numbers to rounding. Rematerialise
+    # each layer in the backward (remat), keeping what remat_policy names: 'dots' (the projection
+    # and FFN matmul outputs; attention core and elementwise ops recomputed) or 'nothing' (the
+    # whole layer recomputed: least memory).
     # Defaults from the base train step at 4 x 512 on CPU (issue 10, benchmarks/train_step.py
     # --layer-loops): remat 'dots' 0.69x the step time of no remat with 0.7x the peak memory;
     # scan costs 7-30% more than unrolled there (stacking the params and their gradients each
-    # step), while the forward alone (4 x 1,024 nt) is ~18% faster scanned: hence 'auto'.
+    # step), while the forward alone (4 x 1,024 nt) is 6-8% faster scanned: hence 'auto'.
     layer_loop: LayerLoop = "auto"
     remat: bool = True
     remat_policy: RematPolicy = "dots"

@@ -48,7 +48,10 @@ def test_chunked_gradient_is_the_whole_forms(monkeypatch):
     monkeypatch.setattr(mlp, "CPU_CHUNK_ROWS", 8)
     x, w1, w3, w2 = _case(2, 20)
     ct = jax.random.normal(jax.random.key(9), x.shape)
-    loss = lambda f: (lambda *a: jnp.sum(f(*a) * ct))
+
+    def loss(f):
+        return lambda *a: jnp.sum(f(*a) * ct)
+
     g_chunked = jax.jit(jax.grad(loss(lambda *a: mlp.swiglu(*a, jnp.float32)), argnums=(0, 1, 2, 3)))(x, w1, w3, w2)
     g_whole = jax.jit(jax.grad(loss(lambda *a: mlp._swiglu_whole(*a, jnp.float32)), argnums=(0, 1, 2, 3)))(
         x, w1, w3, w2)

@@ -31,6 +31,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mxdna_jax.ops.grad_forms import differentiate_as
+
 _NEG = -1e30
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "reference")
@@ -79,20 +81,7 @@ def _values_then_normalise(q_BTNH, k_BSNH, v_BSNH, bias_BS):
     return (out_BTNH / total_BTN1).astype(q_BTNH.dtype)
 
 
-@jax.custom_vjp
-def _attention(q_BTNH, k_BSNH, v_BSNH, bias_BS):
-    return _softmax_then_values(q_BTNH, k_BSNH, v_BSNH, bias_BS)
-
-
-def _attention_fwd(q_BTNH, k_BSNH, v_BSNH, bias_BS):
-    return jax.vjp(_values_then_normalise, q_BTNH, k_BSNH, v_BSNH, bias_BS)  # (output, its VJP as residual)
-
-
-def _attention_bwd(vjp, g_BTNH):
-    return vjp(g_BTNH)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = differentiate_as(_softmax_then_values, _values_then_normalise)
 
 
 def library_attention(q_BTNH, k_BSNH, v_BSNH, key_mask_BS, *, implementation=None):

@@ -17,9 +17,12 @@ row's numbers come from the same matmuls). Other platforms run the unchunked for
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+
+from mxdna_jax.ops.grad_forms import differentiate_as
 
 CPU_CHUNK_ROWS = 1024
 
@@ -41,32 +44,17 @@ def chunk_count(shape, rows: int | None = None) -> int:
     """How many sequence chunks give about `rows` (default CPU_CHUNK_ROWS, read at trace time)
     rows each (1 = no chunking): whole batches below two chunks' worth."""
     rows = rows or CPU_CHUNK_ROWS
-    *lead, T, _ = shape
-    total = T
-    for n in lead:
-        total *= n
+    T, total = shape[-2], math.prod(shape[:-1])
     return max(1, min(T, total // rows)) if total >= 2 * rows else 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _swiglu_chunked(x_BTD, w1_DF, w3_DF, w2_FD, dtype, n):
+def _swiglu_chunked(x_BTD, w1_DF, w3_DF, w2_FD, *, dtype, n):
     B, T, D = x_BTD.shape
     c = -(-T // n)
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, n * c - T), (0, 0)))  # zero rows, sliced off below
     x_nBcD = jnp.moveaxis(x_BTD.reshape(B, n, c, D), 1, 0)
     y_nBcD = jax.lax.map(lambda x: _swiglu_whole(x, w1_DF, w3_DF, w2_FD, dtype), x_nBcD)
     return jnp.moveaxis(y_nBcD, 0, 1).reshape(B, n * c, D)[:, :T]
-
-
-def _swiglu_chunked_fwd(x_BTD, w1_DF, w3_DF, w2_FD, dtype, n):
-    return jax.vjp(lambda *a: _swiglu_whole(*a, dtype), x_BTD, w1_DF, w3_DF, w2_FD)
-
-
-def _swiglu_chunked_bwd(dtype, n, vjp, g_BTD):
-    return vjp(g_BTD)
-
-
-_swiglu_chunked.defvjp(_swiglu_chunked_fwd, _swiglu_chunked_bwd)
 
 
 def swiglu(x_BTD, w1_DF, w3_DF, w2_FD, dtype):
@@ -76,5 +64,6 @@ def swiglu(x_BTD, w1_DF, w3_DF, w2_FD, dtype):
         return _swiglu_whole(x_BTD, w1_DF, w3_DF, w2_FD, dtype)
     return jax.lax.platform_dependent(
         x_BTD, w1_DF, w3_DF, w2_FD,
-        cpu=lambda *a: _swiglu_chunked(*a, dtype, n),
-        default=lambda *a: _swiglu_whole(*a, dtype))
+        cpu=differentiate_as(functools.partial(_swiglu_chunked, dtype=dtype, n=n),
+                             functools.partial(_swiglu_whole, dtype=dtype)),
+        default=functools.partial(_swiglu_whole, dtype=dtype))
