@@ -62,7 +62,10 @@ def test_real_model_step_is_mesh_independent(single_device_step, mesh_shape):
 
 FAST = ["--config.model.hidden_size=32", "--config.model.num_attention_heads=2",
         "--config.model.intermediate_size=64", "--config.data.window=62", "--config.data.global_batch_size=8",
-        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.warmup_steps=2"]
+        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.warmup_steps=2",
+        # capacity = the padded length: the first step cannot overflow, so each process compiles
+        # its train step once (~20 s on 2 cores); the retries have their own tests (test_capacity.py)
+        "--config.model.token_capacity_fraction=1.0"]
 
 
 def train_cmd(workdir, *extra):
