@@ -53,6 +53,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The matmul ISA decides what bf16 can gain: AVX2 alone has no bf16 arithmetic (bf16 peak ~ fp32),
+# AVX-512 bf16 doubles the dot rate, AMX more.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_isa() -> str:
+    """The matmul-relevant instruction sets of this CPU (/proc/cpuinfo flags), e.g. 'avx2+avx512f'."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return "+".join(f for f in ISA_FLAGS if f in have) or "none of " + "/".join(ISA_FLAGS)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     import flax
 
@@ -75,6 +92,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "platform": platform.platform(),
         "loadavg_at_start": list(os.getloadavg()),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),

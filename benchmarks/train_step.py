@@ -183,7 +183,8 @@ def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAUL
 def render(result):
     rows = result["rows"]
     lines = [f"# Train-step benchmark\n\n{result['machine'].get('date', '')} · jax {result['machine'].get('jax')} · "
-             f"{result['machine'].get('cpu_count')} CPUs\n",
+             f"{result['machine'].get('cpu_count')} CPUs ({result['machine'].get('cpu_model', '?')}, "
+             f"{result['machine'].get('cpu_isa', '?')})\n",
              "Real human chr20 windows, DNABERT masking, MLM + 0.01 aux loss, AdamW; batch "
              f"{rows[0]['batch'] if rows else '?'}; nt/s counts B x L positions. MFU = 3 x forward model FLOPs / "
              "step time / same-dtype 4096^3 matmul rate timed after each step (model FLOPs: the useful work at the "
