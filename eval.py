@@ -43,7 +43,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mxdna_jax import cli
+from mxdna_jax import cli, host_malloc
 
 cli.default_config_flag(__file__, __name__)  # configs/tiny.py of this repository unless --config
 _CONFIG = config_flags.DEFINE_config_file("config", None, "finetune: model and finetune settings",
@@ -349,4 +349,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_malloc.tune_for_xla_cpu()  # before JAX starts its CPU threads (mxdna_jax/host_malloc.py)
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

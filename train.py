@@ -19,7 +19,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mxdna_jax import cli  # light (os, sys): the heavy imports wait until flags are parsed
+from mxdna_jax import cli, host_malloc  # light (os, sys): the heavy imports wait until flags are parsed
 
 cli.default_config_flag(__file__, __name__)  # configs/tiny.py of this repository unless --config
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config())",
@@ -91,5 +91,6 @@ def jax_devices() -> str:
 
 
 if __name__ == "__main__":
+    host_malloc.tune_for_xla_cpu()  # before JAX starts its CPU threads (mxdna_jax/host_malloc.py)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -305,7 +305,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# MxDNA forward benchmark ({result['config_name']} config)",
         "",
-        f"{m['date']} · jax {m['jax']} ({m['backend']}) · flax {m['flax']} · {m['cpu_count']} CPUs ({m['cpu_model']}, {m.get('cpu_isa', '?')}) · "
+        f"{m['date']} · jax {m['jax']} ({m['backend']}) · flax {m['flax']} · {m['cpu_count']} CPUs "
+        f"({m['cpu_model']}, {m.get('cpu_isa', '?')}) · "
         f"load avg at start {m['loadavg_at_start'][0]:.2f}",
         "",
         f"Batch {result['args']['batch']} of real human chr20 windows (no N); L = sequence length incl. [CLS]/[SEP] "

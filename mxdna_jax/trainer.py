@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mxdna_jax import checkpoint, metrics_log, optim, preemption, sharding, validate
+from mxdna_jax import checkpoint, host_malloc, metrics_log, optim, preemption, sharding, validate
 from mxdna_jax.capacity import CapacityPolicy
 from mxdna_jax.cli import UserError
 from mxdna_jax.train_lib import (LossFn, NonFiniteLossError, TrainState, abstract_train_state, check_step,
@@ -331,7 +331,7 @@ class TrainLoop:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
         logger.event(start.step, "start", resumed=start.restored is not None, params=n_params,
                      devices=jax.device_count(), mesh=dict(self.mesh.shape), token_capacity=self.capacity,
-                     init_from=str(self.config.get("init_from", "") or "") or None)
+                     init_from=str(self.config.get("init_from", "") or "") or None, host_malloc=host_malloc.state)
         if start.warm is not None:
             logger.event(start.step, "warm_start", source=str(self.config.init_from), loaded=start.warm.loaded,
                          fresh=start.warm.fresh, unused=start.warm.unused)

@@ -85,6 +85,9 @@ def test_readme_main_command_then_eval(tmp_path):
     assert (wd / "checkpoints" / str(steps) / "mxdna_manifest.json").exists()
     assert max(step_losses(wd)) == steps  # the last step is always logged
     assert json.loads((wd / "config.json").read_text())["train"]["steps"] == steps
+    events = map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())
+    (start,) = [e for e in events if e.get("event") == "start"]
+    assert start["host_malloc"] == "tuned"  # a CPU run keeps XLA's temporaries mapped (mxdna_jax/host_malloc.py)
 
     e = subprocess.run(as_argv(eval_cmd), cwd=repo, env=env_for(), capture_output=True, text=True, timeout=600)
     assert e.returncode == 0, e.stderr[-3000:]
