@@ -33,7 +33,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/forward.py` puts benchmarks/ first, not the root
     sys.path.insert(0, str(REPO_ROOT))
 
-from mxdna_jax import vocab  # noqa: E402
+from mxdna_jax import host_malloc, vocab  # noqa: E402
 from mxdna_jax.config import ModelConfig  # noqa: E402
 
 DEFAULT_FASTA = "/work/shared/data/human_chr20_grch37/20.fa.gz"
@@ -96,6 +96,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg_at_start": list(os.getloadavg()),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "host_malloc": host_malloc.state,  # glibc malloc settings (mxdna_jax/host_malloc.py)
     }
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mxdna_jax import staged  # noqa: E402
+from mxdna_jax import host_malloc, staged  # noqa: E402
 from mxdna_jax.capacity import CapacityPolicy  # noqa: E402
 from mxdna_jax.layers import set_attention_implementation  # noqa: E402
 from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
@@ -306,15 +306,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"# MxDNA forward benchmark ({result['config_name']} config)",
         "",
         f"{m['date']} · jax {m['jax']} ({m['backend']}) · flax {m['flax']} · {m['cpu_count']} CPUs "
-        f"({m['cpu_model']}, {m.get('cpu_isa', '?')}) · "
+        f"({m['cpu_model']}, {m.get('cpu_isa', '?')}) · glibc malloc {m.get('host_malloc', 'default')} · "
         f"load avg at start {m['loadavg_at_start'][0]:.2f}",
         "",
         f"Batch {result['args']['batch']} of real human chr20 windows (no N); L = sequence length incl. [CLS]/[SEP] "
         f"(L - 2 nucleotides per window, no padding); **nt/s counts all B x L positions**. Fresh random weights "
         f"(seed {result['args']['seed']}), {result['n_params'] / 1e6:.1f}M parameters. Forward = median of "
-        f"{result['args']['repeats']} calls after {result['args']['warmup']} warm-up (best = fastest call). Peak = median of a "
-        f"{result['args']['peak_n']}^3 matmul of the same dtype (fp32 accumulation, as the model's Dense) timed after each "
-        f"forward call; % peak = median over those (forward, matmul) pairs, so machine load cancels to first order. "
+        f"{result['args']['repeats']} calls after {result['args']['warmup']} warm-up (best = fastest call). "
+        f"Peak = median of a {result['args']['peak_n']}^3 matmul of the same dtype (fp32 accumulation, as the "
+        f"model's Dense) timed after each forward call; % peak = median over those (forward, matmul) pairs, so "
+        f"machine load cancels to first order. "
         f"Model GFLOP = useful work at the measured token count; executed = what this implementation computes "
         f"(token rows at L in original, at the capacity in compact; expert tiles of 128 rows and all k taps). "
         f"**proj. nt/s** = % peak (model) x the best peak seen in this run "
@@ -324,7 +325,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     headers = ["L", "mode", "dtype", "capacity", "tokens/seq", "unit len", "compile s", "forward s", "nt/s",
-               "nt/s best", "x ref", "proj. nt/s", "proj. x ref", "model MFLOP/nt", "exec MFLOP/nt", "XLA MFLOP/nt", "model GFLOP/s", "peak GFLOP/s",
+               "nt/s best", "x ref", "proj. nt/s", "proj. x ref", "model MFLOP/nt", "exec MFLOP/nt", "XLA MFLOP/nt",
+               "model GFLOP/s", "peak GFLOP/s",
                "% peak (model)", "% peak (exec)", "NMS ms", "NMS %", "NMS rounds"]
     rows = []
     for r in runs:
@@ -358,7 +360,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     peaks = result.get("peaks", {})
     if peaks:
         lines.append("Matmul peaks (GFLOP/s, start / end of run): " + ", ".join(
-            f"{dt} {p['start']['gflops']:.0f} / {p['end']['gflops']:.0f}" if p.get("end") else f"{dt} {p['start']['gflops']:.0f}"
+            f"{dt} {p['start']['gflops']:.0f}" + (f" / {p['end']['gflops']:.0f}" if p.get("end") else "")
             for dt, p in peaks.items()))
         lines.append("")
 
@@ -427,7 +429,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="output file stem (default: forward, or forward_quick)")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only re-render the markdown next to an existing results JSON, then exit")
-    p.add_argument("--quick", action="store_true", help="smoke test (< 1 min): tiny config, L=256, fp32 only, no breakdown, 3 repeats, 1024^3 peak "
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test (< 1 min): tiny config, L=256, fp32 only, no breakdown, 3 repeats, 1024^3 peak "
                         "(explicit --dtypes / --breakdown still apply)")
     a = p.parse_args(argv)
     raw = sys.argv[1:] if argv is None else list(argv)
@@ -517,4 +520,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host_malloc.tune_for_xla_cpu()  # as train.py does: the step is timed as a training run runs it
     raise SystemExit(main())

@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from mxdna_jax import optim, sharding, train_lib  # noqa: E402
+from mxdna_jax import host_malloc, optim, sharding, train_lib  # noqa: E402
 from mxdna_jax.data.masking import mask_tokens  # noqa: E402
 from mxdna_jax.layers import set_attention_implementation  # noqa: E402
 from mxdna_jax.model import MxDNAForMaskedLM  # noqa: E402
@@ -184,7 +184,8 @@ def render(result):
     rows = result["rows"]
     lines = [f"# Train-step benchmark\n\n{result['machine'].get('date', '')} · jax {result['machine'].get('jax')} · "
              f"{result['machine'].get('cpu_count')} CPUs ({result['machine'].get('cpu_model', '?')}, "
-             f"{result['machine'].get('cpu_isa', '?')})\n",
+             f"{result['machine'].get('cpu_isa', '?')}) · glibc malloc "
+             f"{result['machine'].get('host_malloc', 'default')}\n",
              "Real human chr20 windows, DNABERT masking, MLM + 0.01 aux loss, AdamW; batch "
              f"{rows[0]['batch'] if rows else '?'}; nt/s counts B x L positions. MFU = 3 x forward model FLOPs / "
              "step time / same-dtype 4096^3 matmul rate timed after each step (model FLOPs: the useful work at the "
@@ -276,4 +277,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_malloc.tune_for_xla_cpu()  # as train.py does: the step is timed as a training run runs it
     raise SystemExit(main())

@@ -257,7 +257,8 @@ def test_masking_fractions_configurable_and_at_least_one():
     out, labels = mask_tokens(ids, rng, mask_token_frac=0.0, random_token_frac=0.0)
     np.testing.assert_array_equal(out, ids)
     # Short rows: with a tiny probability nothing would be drawn, yet each row gets exactly one.
-    short = np.array([[vocab.CLS, vocab.A, vocab.UNK, vocab.SEP]] * 50 + [[vocab.CLS, vocab.UNK, vocab.SEP, vocab.PAD]] * 5)
+    short = np.array([[vocab.CLS, vocab.A, vocab.UNK, vocab.SEP]] * 50
+                     + [[vocab.CLS, vocab.UNK, vocab.SEP, vocab.PAD]] * 5)
     _, labels = mask_tokens(short, rng, mask_prob=1e-9)
     assert ((labels != vocab.IGNORE_LABEL).sum(1) == [1] * 50 + [0] * 5).all()
     assert (labels[:50, 1] == vocab.A).all()

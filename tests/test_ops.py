@@ -136,7 +136,8 @@ def test_sparse_dispatch_equals_dense_and_definition():
     xn, pn = np.asarray(x, np.float64), np.asarray(probs, np.float64)
     for b in range(B):
         for p in np.flatnonzero(np.asarray(center[b]) >= 0):
-            e = int(center[b, p]); k = e + 1
+            e = int(center[b, p])
+            k = e + 1
             ref = reference_unit(xn[b], p - k // 2, k, e, p, pn[b], params)
             np.testing.assert_allclose(np.asarray(sparse[b, p]), ref, atol=2e-4, rtol=1e-4)
         assert (np.asarray(sparse[b])[np.asarray(center[b]) < 0] == 0).all()
@@ -181,6 +182,7 @@ def test_rope_formula_and_relative_property():
     # scores depend only on the position difference
     k = jnp.asarray(rng.standard_normal((1, 1, 2, H)), jnp.float32)
     def score(pq, pk):
-        cq, sq = rope_tables(jnp.array([[pq]]), H); ck, sk = rope_tables(jnp.array([[pk]]), H)
+        cq, sq = rope_tables(jnp.array([[pq]]), H)
+        ck, sk = rope_tables(jnp.array([[pk]]), H)
         return float(jnp.sum(apply_rope(q[:, :1], cq, sq) * apply_rope(k, ck, sk)))
     np.testing.assert_allclose(score(3, 1), score(103, 101), rtol=1e-4)
