@@ -43,14 +43,19 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # ----------------------------------------------------------------------------- machine / config
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (None where there is none)."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 # The matmul ISA decides what bf16 can gain: AVX2 alone has no bf16 arithmetic (bf16 peak ~ fp32),
@@ -60,14 +65,11 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_t
 
 def cpu_isa() -> str:
     """The matmul-relevant instruction sets of this CPU (/proc/cpuinfo flags), e.g. 'avx2+avx512f'."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return "+".join(f for f in ISA_FLAGS if f in have) or "none of " + "/".join(ISA_FLAGS)
-    except OSError:
-        pass
-    return "unknown"
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return "unknown"
+    have = set(flags.split())
+    return "+".join(f for f in ISA_FLAGS if f in have) or "none of " + "/".join(ISA_FLAGS)
 
 
 def machine_info() -> dict[str, Any]:

@@ -45,23 +45,28 @@ def will_run_on_cpu(env: Mapping[str, str]) -> bool:
     return not any(n.lower().startswith(ACCELERATOR_PLUGINS) for n in names)
 
 
+def _why_not(env: Mapping[str, str]) -> str | None:
+    """Why the settings must not be applied here (None: apply them)."""
+    if env.get("MXDNA_MALLOC_TUNING", "1") == "0":
+        return "MXDNA_MALLOC_TUNING=0"
+    if "GLIBC_TUNABLES" in env:
+        return "GLIBC_TUNABLES set"
+    if not will_run_on_cpu(env):
+        return "not a CPU run"
+    return None
+
+
 def tune_for_xla_cpu(env: Mapping[str, str] | None = None) -> bool:
     """Apply SETTINGS if this process will run XLA on CPU (see the module docstring); True if applied."""
     global state
-    env = os.environ if env is None else env
-    if env.get("MXDNA_MALLOC_TUNING", "1") == "0":
-        state = "off (MXDNA_MALLOC_TUNING=0)"
-    elif "GLIBC_TUNABLES" in env:
-        state = "off (GLIBC_TUNABLES set)"
-    elif not will_run_on_cpu(env):
-        state = "off (not a CPU run)"
-    else:
+    reason = _why_not(os.environ if env is None else env)
+    if reason is None:
         try:
             mallopt = ctypes.CDLL("libc.so.6").mallopt
         except (OSError, AttributeError):
-            state = "off (no glibc)"
-            return False
-        ok = all(mallopt(param, value) == 1 for param, value in SETTINGS)
-        state = "tuned" if ok else "off (mallopt refused)"
-        return ok
-    return False
+            reason = "no glibc"
+        else:
+            if not all(mallopt(param, value) == 1 for param, value in SETTINGS):
+                reason = "mallopt refused"
+    state = "tuned" if reason is None else f"off ({reason})"
+    return reason is None
