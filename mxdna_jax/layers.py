@@ -150,8 +150,12 @@ LAYER_LOOPS = ("auto", "scan", "unrolled")
 # What a rematerialised layer keeps for its backward (ModelConfig.remat_policy); the rest is recomputed.
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,  # the whole layer is recomputed: least memory
-    # q/k/v/o and FFN projections (dots without batch dims) kept; attention core, LN, RoPE, SiLU recomputed
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # q/k/v/o and FFN projections (dots without batch dims) kept; attention core, LN, RoPE, SiLU recomputed.
+    # Dense runs its matmul under a custom VJP (ops/mlp.py), which hides the dot from the dots rule,
+    # so its output is kept by name.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(mlp_ops.MATMUL_NAME)),
 }
 
 

@@ -21,16 +21,67 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mxdna_jax.ops.grad_forms import differentiate_as
 
 CPU_CHUNK_ROWS = 1024
+# The name a Dense output carries for remat policies (layers.REMAT_POLICIES): the custom VJP
+# below hides its dot from jax's dots rule.
+MATMUL_NAME = "mxdna_matmul"
+
+
+def _weight_grad_plain(x_ND, dy_NE, out_dtype):
+    return jax.lax.dot_general(x_ND, dy_NE, (((0,), (0,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def _weight_grad_row_pairs(x_ND, dy_NE, out_dtype):
+    """x^T dy as a contraction over (row pair, row-in-pair) with x moved to (D, N/2, 2) first.
+
+    XLA:CPU runs a dot on its fast YNNPACK path (the only one with bf16 arithmetic) only when the
+    lhs contracts its last dim in a row-major layout. x^T dy contracts dim 0 of both operands; any
+    2-D transpose of x is folded back into the dot (transposes carry a transposed layout), and
+    the dot then falls to an fp32 Eigen dot behind converts. A 3-D transpose is not folded: it
+    becomes one physical copy of x, and the dot contracts (N/2, 2), the lhs's trailing dims.
+    Measured on 2 AMD EPYC cores (AVX-512 bf16), the Dense backward at 2,048 x 512 -> 2,048, bf16:
+    40.7 -> 22.9 ms (fp32 within noise). Numbers: the same products, summed in fp32.
+    """
+    if x_ND.shape[0] % 2:  # a zero row adds nothing to the sum
+        x_ND, dy_NE = (jnp.pad(a, ((0, 1), (0, 0))) for a in (x_ND, dy_NE))
+    n, d = x_ND.shape
+    xT_DP2 = x_ND.reshape(n // 2, 2, d).transpose(2, 0, 1)
+    dy_P2E = dy_NE.reshape(n // 2, 2, dy_NE.shape[1])
+    return jax.lax.dot_general(xT_DP2, dy_P2E, (((1, 2), (0, 1)), ((), ())), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x_ND, kernel_DE, dtype):
+    """x (N, D) in `dtype` @ kernel (D, E) cast to `dtype`; output in `dtype`. The kernel's
+    gradient comes back in the kernel's own dtype, accumulated in fp32."""
+    return jnp.dot(x_ND, kernel_DE.astype(dtype), preferred_element_type=dtype)
+
+
+def _matmul_fwd(x_ND, kernel_DE, dtype):
+    return _matmul(x_ND, kernel_DE, dtype), (x_ND, kernel_DE)
+
+
+def _matmul_bwd(dtype, residuals, dy_NE):
+    x_ND, kernel_DE = residuals
+    dx_ND = jax.lax.dot_general(dy_NE, kernel_DE.astype(dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=dtype)
+    dk_DE = jax.lax.platform_dependent(
+        x_ND, dy_NE, cpu=functools.partial(_weight_grad_row_pairs, out_dtype=jnp.float32),
+        default=functools.partial(_weight_grad_plain, out_dtype=jnp.float32))
+    return dx_ND.astype(x_ND.dtype), dk_DE.astype(kernel_DE.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def dense(x, kernel_DE, bias_E, dtype):
     """x (..., D) @ kernel (D, E) [+ bias], in `dtype`."""
     lead = x.shape[:-1]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), kernel_DE.astype(dtype), preferred_element_type=dtype)
+    y = checkpoint_name(_matmul(x.reshape(-1, x.shape[-1]).astype(dtype), kernel_DE, dtype), MATMUL_NAME)
     if bias_E is not None:
         y = y + bias_E.astype(jnp.float32)[None, :]
     return y.reshape(*lead, kernel_DE.shape[1]).astype(dtype)
