@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _hlo import dot_operand_types
 from mxdna_jax import parity
 from mxdna_jax.layers import set_attention_implementation
 from mxdna_jax.ops.attention import attention, cudnn_fits, masked_attention
@@ -61,6 +62,45 @@ def test_grads_and_bf16_match():
     got = attention(qb, kb, vb, m, implementation="xla")
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(ref), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("T_", [12, 11])  # 11: an odd row count, padded inside the backward
+def test_written_out_backward_equals_float64_autodiff(T_):
+    """`masked_attention`'s backward is written out (flash-attention formulas); it equals autodiff
+    of the plain softmax in float64, for rows without keys too, and bf16 stays close."""
+    q, k, v = _qkv(T=T_)
+    m = _masks()["keyless"]
+    ct = jax.random.normal(jax.random.key(5), q.shape)
+
+    def plain64(q, k, v):
+        with jax.enable_x64():
+            bias = jnp.where(jnp.asarray(m) > 0, 0.0, -1e30)[:, None, None, :]
+
+            def loss(q, k, v):
+                probs = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H) + bias, axis=-1)
+                return jnp.sum(jnp.einsum("bnts,bsnh->btnh", probs, v) * np.asarray(ct, np.float64))
+
+            return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(
+                *(jnp.asarray(np.asarray(a, np.float64)) for a in (q, k, v)))]
+
+    want = plain64(q, k, v)
+    for dtype, tol in ((jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)):
+        args = [a.astype(dtype) for a in (q, k, v)]
+        got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(masked_attention(q, k, v, jnp.asarray(m)).astype(jnp.float32)
+                                                       * ct), argnums=(0, 1, 2)))(*args)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype
+            scale = np.abs(np.asarray(w)).max()
+            assert scale > 0
+            np.testing.assert_allclose(np.asarray(g, np.float64) / scale, np.asarray(w) / scale, atol=tol, rtol=0)
+
+
+def test_bf16_backward_dots_stay_bf16_on_cpu():
+    q, k, v = _qkv(jnp.bfloat16, T=64, S=64)
+    m = jnp.ones((B, 64), jnp.int32)
+    f = jax.grad(lambda q, k, v: jnp.sum(masked_attention(q, k, v, m).astype(jnp.float32)), argnums=(0, 1, 2))
+    types = dot_operand_types(jax.jit(f).lower(q, k, v).compile().as_text())
+    assert len(types) >= 5 and all(t == ("bf16", "bf16") for t in types), types
 
 
 def test_cudnn_conditions_and_bad_name():

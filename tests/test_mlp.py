@@ -1,13 +1,12 @@
 """The position-wise FFN (mxdna_jax.ops.mlp): the CPU sequence-chunked forward against the whole
 batch, its gradient, and when it chunks."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _hlo import dot_operand_types
 from mxdna_jax.ops import mlp
 
 
@@ -107,12 +106,6 @@ def test_dense_bf16_kernel_gradient_fp32_accumulated():
     assert err < 1e-5, err  # a bf16 output would be off by ~2^-9 relative
 
 
-def _dot_operand_types(hlo: str):
-    """(lhs dtype, rhs dtype) of every dot in an optimised HLO module's text (names are unique)."""
-    types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
-    return [(types[a], types[b]) for a, b in re.findall(r" dot\(%(\S+?), %(\S+?)\)", hlo)]
-
-
 def test_dense_bf16_backward_dots_stay_bf16_on_cpu():
     """The point of the custom VJP: no dot of the compiled bf16 backward runs in fp32. XLA:CPU
     upcasts a bf16 dot whose lhs contracts a leading dim (x^T dy, what autodiff of x @ w gives)."""
@@ -121,7 +114,7 @@ def test_dense_bf16_backward_dots_stay_bf16_on_cpu():
 
     def grad(dense):
         f = jax.grad(lambda x, w: jnp.sum(dense(x, w).astype(jnp.float32)), argnums=(0, 1))
-        return _dot_operand_types(jax.jit(f).lower(x, w).compile().as_text())
+        return dot_operand_types(jax.jit(f).lower(x, w).compile().as_text())
 
     got = grad(lambda x, w: mlp.dense(x, w, None, jnp.bfloat16))
     assert len(got) == 2 and all(t == ("bf16", "bf16") for t in got), got  # dx and dw

@@ -31,7 +31,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from mxdna_jax.ops.grad_forms import differentiate_as
+from mxdna_jax.ops.leading_matmul import leading_matmul
 
 _NEG = -1e30
 
@@ -41,47 +41,65 @@ IMPLEMENTATIONS = (None, "xla", "cudnn", "reference")
 def masked_attention(q_BTNH, k_BSNH, v_BSNH, key_mask_BS):
     """The hand-written masked softmax (fp32 logits, softmax and accumulation).
 
-    The key mask is an additive bias (0 or -1e30, which absorbs any logit exactly). Two forms of
-    one computation, because XLA:CPU wants different ones with and without a gradient (measured
-    at B4 x 16 heads x 1,024, head_dim 32, fp32): the forward alone (`_softmax_then_values`:
-    normalised probabilities, which XLA fuses into the values matmul) takes 48 ms against 119 ms
-    for the other form; under a gradient (`_values_then_normalise`: the normalisation divides
-    the (B, T, N, H) output, and the max shift is a constant to autodiff) forward + backward take
-    362 ms against 503 ms. A custom VJP runs the first as the primal and differentiates the
-    second; their outputs differ by float rounding (~1e-7 relative)."""
+    The key mask is an additive bias (0 or -1e30, which absorbs any logit exactly). The forward
+    computes normalised probabilities, which XLA:CPU fuses into the values matmul (48 ms against
+    119 ms for dividing the output instead, B4 x 16 heads x 1,024, head_dim 32, fp32). The
+    backward is written out (`_attention_bwd`, the flash-attention formulas) instead of autodiff:
+    its products are fed in q's dtype and the two that contract over the query rows (P^T dO,
+    dS^T q) take the form XLA:CPU keeps in bf16 (ops/leading_matmul.py). Autodiff of this
+    softmax left every backward product an fp32 dot (the logits' cotangent is fp32): forward +
+    backward at B4 x 16 heads x 512, bf16, 186-208 ms before, 90-95 ms now; fp32 146-182 ->
+    143-154 ms."""
     _check(q_BTNH, k_BSNH, v_BSNH, key_mask_BS)
     bias_BS = jnp.where(key_mask_BS.astype(bool), 0.0, _NEG).astype(jnp.float32)
     return _attention(q_BTNH, k_BSNH, v_BSNH, bias_BS)
 
 
-def _logits(q_BTNH, k_BSNH, bias_BS):
+def _scaled_q(q_BTNH):
     # The 1/sqrt(H) scale goes on q, not on the (B, N, T, S) logits: XLA:CPU's fused dot (YNNPACK)
     # takes the scalar as a materialised (B, N, T, S) operand, a broadcast that cost 14 of the 85 ms
     # of an attention forward + backward at B4 x 16 heads x 512 (fp32). Same numbers to rounding.
-    q_BTNH = (q_BTNH.astype(jnp.float32) * q_BTNH.shape[-1] ** -0.5).astype(q_BTNH.dtype)
-    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
-    return logits_BNTS + bias_BS[:, None, None, :]
+    return (q_BTNH.astype(jnp.float32) * q_BTNH.shape[-1] ** -0.5).astype(q_BTNH.dtype)
 
 
-def _softmax_then_values(q_BTNH, k_BSNH, v_BSNH, bias_BS):
-    logits_BNTS = _logits(q_BTNH, k_BSNH, bias_BS)
+def _probs_and_out(qs_BTNH, k_BSNH, v_BSNH, bias_BS):
+    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", qs_BTNH, k_BSNH, preferred_element_type=jnp.float32)
+    logits_BNTS = logits_BNTS + bias_BS[:, None, None, :]
     probs_BNTS = jnp.exp(logits_BNTS - logits_BNTS.max(axis=-1, keepdims=True))
-    probs_BNTS = probs_BNTS / probs_BNTS.sum(axis=-1, keepdims=True)
-    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH,
-                      preferred_element_type=jnp.float32).astype(q_BTNH.dtype)
+    probs_BNTS = (probs_BNTS / probs_BNTS.sum(axis=-1, keepdims=True)).astype(v_BSNH.dtype)
+    out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH, preferred_element_type=jnp.float32)
+    return probs_BNTS, out_BTNH.astype(qs_BTNH.dtype)
 
 
-def _values_then_normalise(q_BTNH, k_BSNH, v_BSNH, bias_BS):
-    logits_BNTS = _logits(q_BTNH, k_BSNH, bias_BS)
-    shift_BNT1 = jax.lax.stop_gradient(logits_BNTS.max(axis=-1, keepdims=True))
-    weights_BNTS = jnp.exp(logits_BNTS - shift_BNT1)
-    total_BTN1 = jnp.swapaxes(weights_BNTS.sum(axis=-1), 1, 2)[..., None]
-    out_BTNH = jnp.einsum("bnts,bsnh->btnh", weights_BNTS.astype(v_BSNH.dtype), v_BSNH,
-                          preferred_element_type=jnp.float32)
-    return (out_BTNH / total_BTN1).astype(q_BTNH.dtype)
+@jax.custom_vjp
+def _attention(q_BTNH, k_BSNH, v_BSNH, bias_BS):
+    return _probs_and_out(_scaled_q(q_BTNH), k_BSNH, v_BSNH, bias_BS)[1]
 
 
-_attention = differentiate_as(_softmax_then_values, _values_then_normalise)
+def _attention_fwd(q_BTNH, k_BSNH, v_BSNH, bias_BS):
+    qs_BTNH = _scaled_q(q_BTNH)
+    probs_BNTS, out_BTNH = _probs_and_out(qs_BTNH, k_BSNH, v_BSNH, bias_BS)
+    return out_BTNH, (qs_BTNH, k_BSNH, v_BSNH, probs_BNTS, out_BTNH)
+
+
+def _attention_bwd(residuals, dout_BTNH):
+    """dV = P^T dO; dP = dO V^T; dS = P (dP - rowsum(dO * O)); dq = dS K / sqrt(H); dK = dS^T q_s.
+    Products in the inputs' dtype with fp32 accumulation; the softmax's own terms in fp32."""
+    qs_BTNH, k_BSNH, v_BSNH, probs_BNTS, out_BTNH = residuals
+    dt = qs_BTNH.dtype
+    dout_BTNH = dout_BTNH.astype(dt)
+    dv_BNSH = leading_matmul(probs_BNTS, jnp.swapaxes(dout_BTNH, 1, 2), n_batch=2)
+    dprobs_BNTS = jnp.einsum("btnh,bsnh->bnts", dout_BTNH, v_BSNH, preferred_element_type=jnp.float32)
+    row_BNT1 = jnp.einsum("btnh,btnh->bnt", dout_BTNH.astype(jnp.float32), out_BTNH.astype(jnp.float32))[..., None]
+    dlogits_BNTS = (probs_BNTS.astype(jnp.float32) * (dprobs_BNTS - row_BNT1)).astype(dt)
+    dqs_BTNH = jnp.einsum("bnts,bsnh->btnh", dlogits_BNTS, k_BSNH, preferred_element_type=jnp.float32)
+    dk_BNSH = leading_matmul(dlogits_BNTS, jnp.swapaxes(qs_BTNH, 1, 2), n_batch=2)
+    dq_BTNH = (dqs_BTNH * qs_BTNH.shape[-1] ** -0.5).astype(dt)
+    return (dq_BTNH, jnp.swapaxes(dk_BNSH, 1, 2).astype(k_BSNH.dtype),
+            jnp.swapaxes(dv_BNSH, 1, 2).astype(v_BSNH.dtype), None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def library_attention(q_BTNH, k_BSNH, v_BSNH, key_mask_BS, *, implementation=None):

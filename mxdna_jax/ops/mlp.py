@@ -4,7 +4,8 @@ Compute in `dtype` with the matmul output in `dtype` (fp32 accumulation inside t
 bf16 output halves the activations a bf16 train step stores). One 2-D (rows, D) matmul whatever
 the leading dims: on (B, T, D) XLA:CPU lays the backward's weight-gradient operand out
 transposed and spends a slow copy fusion on it (~25% of a base train step); the flat form has
-the same numbers.
+the same numbers. Its backward is written out (`_matmul`, a custom VJP) so that on CPU the
+weight gradient x^T dy stays a bf16 dot (`ops/leading_matmul.py` says why and what it gains).
 
 `swiglu` on CPU runs its forward in chunks of about `CPU_CHUNK_ROWS` rows along the sequence
 (`lax.map`): the (rows, F) intermediates of a whole batch (32 MiB at 4 x 1,024 rows, F 2,048,
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mxdna_jax.ops.grad_forms import differentiate_as
+from mxdna_jax.ops.leading_matmul import leading_matmul
 
 CPU_CHUNK_ROWS = 1024
 # The name a Dense output carries for remat policies (layers.REMAT_POLICIES): the custom VJP
@@ -31,27 +33,8 @@ CPU_CHUNK_ROWS = 1024
 MATMUL_NAME = "mxdna_matmul"
 
 
-def _weight_grad_plain(x_ND, dy_NE, out_dtype):
-    return jax.lax.dot_general(x_ND, dy_NE, (((0,), (0,)), ((), ())), preferred_element_type=out_dtype)
-
-
-def _weight_grad_row_pairs(x_ND, dy_NE, out_dtype):
-    """x^T dy as a contraction over (row pair, row-in-pair) with x moved to (D, N/2, 2) first.
-
-    XLA:CPU runs a dot on its fast YNNPACK path (the only one with bf16 arithmetic) only when the
-    lhs contracts its last dim in a row-major layout. x^T dy contracts dim 0 of both operands; any
-    2-D transpose of x is folded back into the dot (transposes carry a transposed layout), and
-    the dot then falls to an fp32 Eigen dot behind converts. A 3-D transpose is not folded: it
-    becomes one physical copy of x, and the dot contracts (N/2, 2), the lhs's trailing dims.
-    Measured on 2 AMD EPYC cores (AVX-512 bf16), the Dense backward at 2,048 x 512 -> 2,048, bf16:
-    40.7 -> 22.9 ms (fp32 within noise). Numbers: the same products, summed in fp32.
-    """
-    if x_ND.shape[0] % 2:  # a zero row adds nothing to the sum
-        x_ND, dy_NE = (jnp.pad(a, ((0, 1), (0, 0))) for a in (x_ND, dy_NE))
-    n, d = x_ND.shape
-    xT_DP2 = x_ND.reshape(n // 2, 2, d).transpose(2, 0, 1)
-    dy_P2E = dy_NE.reshape(n // 2, 2, dy_NE.shape[1])
-    return jax.lax.dot_general(xT_DP2, dy_P2E, (((1, 2), (0, 1)), ((), ())), preferred_element_type=out_dtype)
+def _weight_grad_plain(x_ND, dy_NE):
+    return jax.lax.dot_general(x_ND, dy_NE, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -69,9 +52,8 @@ def _matmul_bwd(dtype, residuals, dy_NE):
     x_ND, kernel_DE = residuals
     dx_ND = jax.lax.dot_general(dy_NE, kernel_DE.astype(dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=dtype)
-    dk_DE = jax.lax.platform_dependent(
-        x_ND, dy_NE, cpu=functools.partial(_weight_grad_row_pairs, out_dtype=jnp.float32),
-        default=functools.partial(_weight_grad_plain, out_dtype=jnp.float32))
+    # x^T dy: on CPU in the form XLA:CPU keeps in bf16 (ops/leading_matmul.py), fp32-summed
+    dk_DE = jax.lax.platform_dependent(x_ND, dy_NE, cpu=leading_matmul, default=_weight_grad_plain)
     return dx_ND.astype(x_ND.dtype), dk_DE.astype(kernel_DE.dtype)
 
 
