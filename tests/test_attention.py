@@ -66,8 +66,9 @@ def test_grads_and_bf16_match():
 
 @pytest.mark.parametrize("T_", [12, 11])  # 11: an odd row count, padded inside the backward
 def test_written_out_backward_equals_float64_autodiff(T_):
-    """`masked_attention`'s backward is written out (flash-attention formulas); it equals autodiff
-    of the plain softmax in float64, for rows without keys too, and bf16 stays close."""
+    """`masked_attention`'s gradients (fp32: autodiff of its differentiated form; bf16: the
+    written-out flash-attention backward) equal autodiff of the plain softmax in float64, for rows
+    without keys too."""
     q, k, v = _qkv(T=T_)
     m = _masks()["keyless"]
     ct = jax.random.normal(jax.random.key(5), q.shape)

@@ -1,7 +1,7 @@
 """One computation in two forms: one to evaluate, another to differentiate.
 
 XLA:CPU wants different programs for a forward alone and for a forward that will be
-differentiated (the chunked FFN, the layer-stack loop); `differentiate_as` pairs the
+differentiated (the fp32 attention, the chunked FFN, the layer-stack loop); `differentiate_as` pairs the
 two under a custom VJP. The forms must compute the same function (they may differ by float
 rounding); static settings are bound in the callables (closures of Python values, not arrays).
 """

@@ -52,8 +52,10 @@ def _matmul_bwd(dtype, residuals, dy_NE):
     x_ND, kernel_DE = residuals
     dx_ND = jax.lax.dot_general(dy_NE, kernel_DE.astype(dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=dtype)
-    # x^T dy: on CPU in the form XLA:CPU keeps in bf16 (ops/leading_matmul.py), fp32-summed
-    dk_DE = jax.lax.platform_dependent(x_ND, dy_NE, cpu=leading_matmul, default=_weight_grad_plain)
+    # x^T dy: in bf16 on CPU, in the form XLA:CPU keeps in bf16 (ops/leading_matmul.py), fp32-summed;
+    # fp32 keeps the plain dot, which XLA:CPU's fp32 dots take transposed at no cost
+    dk_DE = (jax.lax.platform_dependent(x_ND, dy_NE, cpu=leading_matmul, default=_weight_grad_plain)
+             if x_ND.dtype == jnp.bfloat16 else _weight_grad_plain(x_ND, dy_NE))
     return dx_ND.astype(x_ND.dtype), dk_DE.astype(kernel_DE.dtype)
 
 
