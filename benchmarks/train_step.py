@@ -160,23 +160,24 @@ def finish(run, times, peaks, log):
     return row
 
 
-def bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
+def bench_group(name, L, B, mode, dtypes, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
                 variants=(None,), capacity_mode="tracked"):
-    """One row per variant; their timed steps alternate (variant a, b, a, b, ...), each followed by
-    one peak matmul, so the ratios between variants see the same machine load."""
+    """One row per (dtype, variant); their timed steps alternate (a, b, c, a, b, c, ...), each
+    followed by one peak matmul of its dtype, so the ratios between rows (bf16 / fp32 included)
+    see the same machine load."""
     runs = [prepare(name, L, B, mode, dtype, log, fasta=fasta, attention=attention, variant=v,
-                    capacity_mode=capacity_mode) for v in variants]
+                    capacity_mode=capacity_mode) for dtype in dtypes for v in variants]
     times, peaks = [[] for _ in runs], [[] for _ in runs]
     for _ in range(repeats):
         for i, run in enumerate(runs):
             times[i].append(run["step"]())
-            peaks[i].append(probes[dtype].gflops_once())
+            peaks[i].append(probes[run["dtype"]].gflops_once())
     return [finish(run, t, p, log) for run, t, p in zip(runs, times, peaks)]
 
 
 def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
               capacity_mode="tracked"):
-    return bench_group(name, L, B, mode, dtype, repeats, probes, log, fasta=fasta, attention=attention,
+    return bench_group(name, L, B, mode, [dtype], repeats, probes, log, fasta=fasta, attention=attention,
                        capacity_mode=capacity_mode)[0]
 
 
@@ -246,7 +247,8 @@ def main(argv=None):
     p.add_argument("--attention", default="default", choices=["default", "xla", "cudnn", "reference"],
                    help="attention implementation (mxdna_jax/ops/attention.py; default: chosen per platform)")
     p.add_argument("--layer-loops", nargs="+", default=None, metavar="LOOP[:REMAT_POLICY]",
-                   help="variants timed alternately in this process: 'scan', 'unrolled', 'scan:dots' (remat, "
+                   help="variants timed alternately in this process, with every dtype: 'scan', 'unrolled', "
+                        "'scan:dots' (remat, "
                         "ModelConfig.remat_policy after the colon); default: the config's own")
     p.add_argument("--capacity", default="tracked", choices=["tracked", "fixed"],
                    help="compact capacity: 'tracked' = the rung a training run's CapacityTracker settles at for "
@@ -263,10 +265,9 @@ def main(argv=None):
     for name in a.configs:
         for L in a.lengths:
             for mode in a.modes:
-                for dtype in a.dtypes:
-                    rows += bench_group(name, L, a.batch, mode, dtype, a.repeats, probes, log, fasta=a.fasta,
-                                        attention=attention, variants=a.layer_loops or (None,),
-                                        capacity_mode=a.capacity)
+                rows += bench_group(name, L, a.batch, mode, a.dtypes, a.repeats, probes, log, fasta=a.fasta,
+                                    attention=attention, variants=a.layer_loops or (None,),
+                                    capacity_mode=a.capacity)
     result = {"machine": common.machine_info(), "args": vars(a), "rows": rows}
     out = pathlib.Path(a.out)
     stem = a.name or ("train_step_quick" if a.quick else "train_step")
