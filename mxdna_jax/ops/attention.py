@@ -69,18 +69,24 @@ def _scaled_q(q_BTNH):
     return (q_BTNH.astype(jnp.float32) * q_BTNH.shape[-1] ** -0.5).astype(q_BTNH.dtype)
 
 
-def _probs_and_out(qs_BTNH, k_BSNH, v_BSNH, bias_BS):
+def _logits(qs_BTNH, k_BSNH, bias_BS):
     logits_BNTS = jnp.einsum("btnh,bsnh->bnts", qs_BTNH, k_BSNH, preferred_element_type=jnp.float32)
-    logits_BNTS = logits_BNTS + bias_BS[:, None, None, :]
+    return logits_BNTS + bias_BS[:, None, None, :]
+
+
+def _probs_and_out(qs_BTNH, k_BSNH, v_BSNH, bias_BS):
+    logits_BNTS = _logits(qs_BTNH, k_BSNH, bias_BS)
     probs_BNTS = jnp.exp(logits_BNTS - logits_BNTS.max(axis=-1, keepdims=True))
     probs_BNTS = (probs_BNTS / probs_BNTS.sum(axis=-1, keepdims=True)).astype(v_BSNH.dtype)
     out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH, preferred_element_type=jnp.float32)
     return probs_BNTS, out_BTNH.astype(qs_BTNH.dtype)
 
 
-@jax.custom_vjp
-def _attention(q_BTNH, k_BSNH, v_BSNH, bias_BS):
+def _softmax_then_values(q_BTNH, k_BSNH, v_BSNH, bias_BS):
     return _probs_and_out(_scaled_q(q_BTNH), k_BSNH, v_BSNH, bias_BS)[1]
+
+
+_attention = jax.custom_vjp(_softmax_then_values)
 
 
 def _attention_fwd(q_BTNH, k_BSNH, v_BSNH, bias_BS):
@@ -110,8 +116,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _values_then_normalise(q_BTNH, k_BSNH, v_BSNH, bias_BS):
-    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", _scaled_q(q_BTNH), k_BSNH, preferred_element_type=jnp.float32)
-    logits_BNTS = logits_BNTS + bias_BS[:, None, None, :]
+    logits_BNTS = _logits(_scaled_q(q_BTNH), k_BSNH, bias_BS)
     shift_BNT1 = jax.lax.stop_gradient(logits_BNTS.max(axis=-1, keepdims=True))
     weights_BNTS = jnp.exp(logits_BNTS - shift_BNT1)
     total_BTN1 = jnp.swapaxes(weights_BNTS.sum(axis=-1), 1, 2)[..., None]
@@ -120,8 +125,7 @@ def _values_then_normalise(q_BTNH, k_BSNH, v_BSNH, bias_BS):
     return (out_BTNH / total_BTN1).astype(q_BTNH.dtype)
 
 
-_attention_fp32 = differentiate_as(lambda q, k, v, bias: _probs_and_out(_scaled_q(q), k, v, bias)[1],
-                                   _values_then_normalise)
+_attention_fp32 = differentiate_as(_softmax_then_values, _values_then_normalise)
 
 
 def library_attention(q_BTNH, k_BSNH, v_BSNH, key_mask_BS, *, implementation=None):

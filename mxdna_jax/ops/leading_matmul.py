@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 
-def leading_matmul(a, b, n_batch: int = 0, out_dtype=jnp.float32):
+def leading_matmul(a, b, n_batch: int = 0):
     """sum over r of a[..., r, s] b[..., r, h] -> (..., s, h): a^T b over the axis after the
     `n_batch` leading batch axes (a: (*batch, R, S), b: (*batch, R, H)), accumulated in fp32."""
     R = a.shape[n_batch]
@@ -31,4 +31,4 @@ def leading_matmul(a, b, n_batch: int = 0, out_dtype=jnp.float32):
     a_SP2 = a.reshape(*batch, R // 2, 2, a.shape[-1]).transpose(*r, n_batch + 2, n_batch, n_batch + 1)
     b_P2H = b.reshape(*batch, R // 2, 2, b.shape[-1])
     dims = (((n_batch + 1, n_batch + 2), (n_batch, n_batch + 1)), (r, r))
-    return jax.lax.dot_general(a_SP2, b_P2H, dims, preferred_element_type=out_dtype)
+    return jax.lax.dot_general(a_SP2, b_P2H, dims, preferred_element_type=jnp.float32)
