@@ -115,6 +115,20 @@ def model_config(name: str, **overrides) -> ModelConfig:
     raise ValueError(f"unknown config {name!r} (base|tiny)")
 
 
+def load_weights(model, path: str | None) -> None:
+    """Overwrite `model`'s fresh params with official-named weights (.safetensors / .npz, as written by
+    `python -m mxdna_jax.convert export` or benchmarks/official_compare.py); no-op for None/''.
+
+    Why benchmarks take weights: the NMS, so the token count and the work of the 16 token layers,
+    depends on the draw (seed 0 of our initialisers makes ~3-nt units, the official initialisation
+    with torch seed 0 ~5-nt units). A comparison with the official model needs the same weights.
+    """
+    if path:
+        from mxdna_jax import convert
+
+        convert.load_into(model, convert.load_official_state_dict(path))
+
+
 # ----------------------------------------------------------------------------- timing
 
 

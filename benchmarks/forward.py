@@ -55,10 +55,11 @@ class Bench:
     ~3 nt; the unit statistics are reported with every row.
     """
 
-    def __init__(self, cfg, seed: int = 0, attention: str | None = None):
+    def __init__(self, cfg, seed: int = 0, attention: str | None = None, weights: str | None = None):
         self.attention = attention  # ops/attention.py implementation (None: per platform)
         t0 = time.perf_counter()
         model = MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=seed))
+        common.load_weights(model, weights)  # --weights: e.g. the official initialisation
         _, self.state = nnx.split(model)
         self.init_s = time.perf_counter() - t0
         self.base_cfg = cfg
@@ -310,8 +311,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"load avg at start {m['loadavg_at_start'][0]:.2f}",
         "",
         f"Batch {result['args']['batch']} of real human chr20 windows (no N); L = sequence length incl. [CLS]/[SEP] "
-        f"(L - 2 nucleotides per window, no padding); **nt/s counts all B x L positions**. Fresh random weights "
-        f"(seed {result['args']['seed']}), {result['n_params'] / 1e6:.1f}M parameters. Forward = median of "
+        f"(L - 2 nucleotides per window, no padding); **nt/s counts all B x L positions**. "
+        + (f"Weights {pathlib.Path(result['args']['weights']).name} (--weights)" if result["args"].get("weights")
+           else f"Fresh random weights (seed {result['args']['seed']})")
+        + f", {result['n_params'] / 1e6:.1f}M parameters. Forward = median of "
         f"{result['args']['repeats']} calls after {result['args']['warmup']} warm-up (best = fastest call). "
         f"Peak = median of a {result['args']['peak_n']}^3 matmul of the same dtype (fp32 accumulation, as the "
         f"model's Dense) timed after each forward call; % peak = median over those (forward, matmul) pairs, so "
@@ -421,6 +424,8 @@ def parse_args(argv=None):
     p.add_argument("--prng", default=None,
                    help="jax_default_prng_impl for the weight init (default: jax's threefry2x32; --quick: rbg)")
     p.add_argument("--fasta", default=common.DEFAULT_FASTA)
+    p.add_argument("--weights", default=None, metavar="SAFETENSORS",
+                   help="official-named weights to run instead of the seed's fresh ones (common.load_weights)")
     p.add_argument("--attention", default="default", choices=["default", "xla", "cudnn", "reference"],
                    help="attention implementation (mxdna_jax/ops/attention.py; default: chosen per platform)")
     p.add_argument("--layer-loops", nargs="+", default=None, choices=["auto", "scan", "unrolled"],
@@ -470,7 +475,8 @@ def main(argv=None) -> int:
                               "reference": REFERENCE, "aims": AIMS, "runs": [], "peaks": {}}
     out_dir = pathlib.Path(args.out)
     log(f"jax {jax.__version__} on {jax.devices()}; building {args.config} model")
-    bench = Bench(base_cfg, seed=args.seed, attention=None if args.attention == "default" else args.attention)
+    bench = Bench(base_cfg, seed=args.seed, attention=None if args.attention == "default" else args.attention,
+                  weights=args.weights)
     result["n_params"], result["init_s"] = bench.n_params, bench.init_s
     log(f"init {bench.init_s:.1f}s, {bench.n_params / 1e6:.1f}M params")
     for dt in args.dtypes:

@@ -60,7 +60,7 @@ def parse_variant(v: str) -> dict:
 
 
 def prepare(name, L, B, mode, dtype, log, fasta=common.DEFAULT_FASTA, attention=None, variant=None,
-            capacity_mode="tracked"):
+            capacity_mode="tracked", weights=None):
     """Everything up to a compiled, warmed-up step: a dict `run` with run['step']() doing one timed step.
 
     Compact capacity (`capacity_mode`): 'tracked' = where a training run's CapacityTracker (the
@@ -73,6 +73,7 @@ def prepare(name, L, B, mode, dtype, log, fasta=common.DEFAULT_FASTA, attention=
 
     def ctor():
         model = MxDNAForMaskedLM(cfg, rngs=nnx.Rngs(params=0))
+        common.load_weights(model, weights)  # --weights: e.g. the official initialisation
         set_attention_implementation(model, attention)  # ops/attention.py; None: per platform
         return model
 
@@ -161,12 +162,12 @@ def finish(run, times, peaks, log):
 
 
 def bench_group(name, L, B, mode, dtypes, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
-                variants=(None,), capacity_mode="tracked"):
+                variants=(None,), capacity_mode="tracked", weights=None):
     """One row per (dtype, variant); their timed steps alternate (a, b, c, a, b, c, ...), each
     followed by one peak matmul of its dtype, so the ratios between rows (bf16 / fp32 included)
     see the same machine load."""
     runs = [prepare(name, L, B, mode, dtype, log, fasta=fasta, attention=attention, variant=v,
-                    capacity_mode=capacity_mode) for dtype in dtypes for v in variants]
+                    capacity_mode=capacity_mode, weights=weights) for dtype in dtypes for v in variants]
     times, peaks = [[] for _ in runs], [[] for _ in runs]
     for _ in range(repeats):
         for i, run in enumerate(runs):
@@ -176,9 +177,9 @@ def bench_group(name, L, B, mode, dtypes, repeats, probes, log, fasta=common.DEF
 
 
 def bench_one(name, L, B, mode, dtype, repeats, probes, log, fasta=common.DEFAULT_FASTA, attention=None,
-              capacity_mode="tracked"):
+              capacity_mode="tracked", weights=None):
     return bench_group(name, L, B, mode, [dtype], repeats, probes, log, fasta=fasta, attention=attention,
-                       capacity_mode=capacity_mode)[0]
+                       capacity_mode=capacity_mode, weights=weights)[0]
 
 
 def render(result):
@@ -192,7 +193,9 @@ def render(result):
              "step time / same-dtype 4096^3 matmul rate timed after each step (model FLOPs: the useful work at the "
              "measured token count, whatever the capacity). Compact capacity: 'tracked' = the rung a training run's "
              "capacity tracker settles at for this batch (>= 1.05 x its longest sequence's token rows, shown in "
-             "brackets), 'fixed' = 0.5 x L.\n"]
+             "brackets), 'fixed' = 0.5 x L. Weights: "
+             + (f"{pathlib.Path(result['args']['weights']).name} (--weights)." if result["args"].get("weights")
+                else "fresh, seed 0.") + "\n"]
     headers = ["config", "L", "mode", "dtype", "layers", "remat", "capacity", "tokens/seq (max)", "compile s", "step s",
                "nt/s", "model GFLOP/s", "matmul GFLOP/s", "MFU", "MFU paired", "peak MiB"]
     body = [[r["config"], r["L"], r["mode"], r["dtype"], r.get("layer_loop", "unrolled"), r.get("remat", "off"),
@@ -253,6 +256,8 @@ def main(argv=None):
     p.add_argument("--capacity", default="tracked", choices=["tracked", "fixed"],
                    help="compact capacity: 'tracked' = the rung a training run's CapacityTracker settles at for "
                         "this batch (margin 0.05 over its longest sequence); 'fixed' = 0.5 x L")
+    p.add_argument("--weights", default=None, metavar="SAFETENSORS",
+                   help="official-named weights to train from instead of fresh ones (common.load_weights)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     p.add_argument("--name", default=None, help="output file stem (default: train_step, or train_step_quick)")
     a = p.parse_args(argv)
@@ -267,7 +272,7 @@ def main(argv=None):
             for mode in a.modes:
                 rows += bench_group(name, L, a.batch, mode, a.dtypes, a.repeats, probes, log, fasta=a.fasta,
                                     attention=attention, variants=a.layer_loops or (None,),
-                                    capacity_mode=a.capacity)
+                                    capacity_mode=a.capacity, weights=a.weights)
     result = {"machine": common.machine_info(), "args": vars(a), "rows": rows}
     out = pathlib.Path(a.out)
     stem = a.name or ("train_step_quick" if a.quick else "train_step")
