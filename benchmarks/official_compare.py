@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
 import json
 import pathlib
 import platform
@@ -88,11 +89,11 @@ def _flash_attn_stand_in():
                                            dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
         return o.transpose(1, 2)
 
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
-                               causal=False, **_):
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, **_):  # flash-attn's argument names
         # sequence b owns rows cu[b]:cu[b+1]; pad to one (B, H, L, Dh) SDPA call with a key mask
-        B, H, Dh = cu_q.numel() - 1, q.shape[1], q.shape[2]
-        cq, ck = cu_q.tolist(), cu_k.tolist()
+        B, H, Dh = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
+        cq, ck, max_q, max_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), max_seqlen_q, max_seqlen_k
         qp = q.new_zeros(B, int(max_q), H, Dh)
         kp, vp = k.new_zeros(B, int(max_k), H, Dh), v.new_zeros(B, int(max_k), H, Dh)
         keep = torch.zeros(B, 1, 1, int(max_k), dtype=torch.bool)
@@ -110,6 +111,8 @@ def _flash_attn_stand_in():
     bp = types.ModuleType("flash_attn.bert_padding")
     bp.pad_input, bp.unpad_input = pad_input, unpad_input
     fa.bert_padding = bp
+    for name, mod in (("flash_attn", fa), ("flash_attn.bert_padding", bp)):  # transformers calls find_spec
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
     sys.modules["flash_attn"], sys.modules["flash_attn.bert_padding"] = fa, bp
 
 
