@@ -14,6 +14,7 @@ Conventions (also stated in benchmarks/README.md):
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -126,7 +127,22 @@ def load_weights(model, path: str | None) -> None:
     if path:
         from mxdna_jax import convert
 
-        convert.load_into(model, convert.load_official_state_dict(path))
+        convert.load_into(model, _official_state_dict(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _official_state_dict(path: str):
+    """Read once per process: train_step.py builds one model per (dtype, layer loop) row."""
+    from mxdna_jax import convert
+
+    return convert.load_official_state_dict(path)
+
+
+def weights_label(args: dict) -> str:
+    """How a results table names its weights: the --weights file, or the fresh draw's seed."""
+    if args.get("weights"):
+        return f"Weights {pathlib.Path(args['weights']).name} (--weights)"
+    return f"Fresh random weights (seed {args.get('seed', 0)})"
 
 
 # ----------------------------------------------------------------------------- timing

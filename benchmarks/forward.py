@@ -312,8 +312,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"Batch {result['args']['batch']} of real human chr20 windows (no N); L = sequence length incl. [CLS]/[SEP] "
         f"(L - 2 nucleotides per window, no padding); **nt/s counts all B x L positions**. "
-        + (f"Weights {pathlib.Path(result['args']['weights']).name} (--weights)" if result["args"].get("weights")
-           else f"Fresh random weights (seed {result['args']['seed']})")
+        + common.weights_label(result["args"])
         + f", {result['n_params'] / 1e6:.1f}M parameters. Forward = median of "
         f"{result['args']['repeats']} calls after {result['args']['warmup']} warm-up (best = fastest call). "
         f"Peak = median of a {result['args']['peak_n']}^3 matmul of the same dtype (fp32 accumulation, as the "

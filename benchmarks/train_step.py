@@ -193,9 +193,8 @@ def render(result):
              "step time / same-dtype 4096^3 matmul rate timed after each step (model FLOPs: the useful work at the "
              "measured token count, whatever the capacity). Compact capacity: 'tracked' = the rung a training run's "
              "capacity tracker settles at for this batch (>= 1.05 x its longest sequence's token rows, shown in "
-             "brackets), 'fixed' = 0.5 x L. Weights: "
-             + (f"{pathlib.Path(result['args']['weights']).name} (--weights)." if result["args"].get("weights")
-                else "fresh, seed 0.") + "\n"]
+             "brackets), 'fixed' = 0.5 x L. "
+             + common.weights_label(dict(result["args"], seed=0)) + ".\n"]
     headers = ["config", "L", "mode", "dtype", "layers", "remat", "capacity", "tokens/seq (max)", "compile s", "step s",
                "nt/s", "model GFLOP/s", "matmul GFLOP/s", "MFU", "MFU paired", "peak MiB"]
     body = [[r["config"], r["L"], r["mode"], r["dtype"], r.get("layer_loop", "unrolled"), r.get("remat", "off"),
